@@ -1,0 +1,53 @@
+"""qflow: an asyncio-native job queue over Redis.
+
+Producers ``await queue.add(...)``; worker processes run ``@queue.processor`` handlers. ``concurrency`` is how
+many jobs one process runs at once; processes are how many of those run side by side.
+"""
+
+from ._app import App as App
+from ._processor import Processor as Processor
+from ._queue import Job as Job
+from ._queue import JobSpec as JobSpec
+from ._queue import Queue as Queue
+from ._settings import RetentionSettings as RetentionSettings
+from ._settings import WorkerSettings as WorkerSettings
+from ._state import Backoff as Backoff
+from ._state import State as State
+from ._worker import Worker as Worker
+from .exceptions import BrokerUnavailable as BrokerUnavailable
+from .exceptions import ConfigurationError as ConfigurationError
+from .exceptions import JobFailed as JobFailed
+from .exceptions import JobNotFound as JobNotFound
+from .exceptions import PayloadError as PayloadError
+from .exceptions import PayloadTooLarge as PayloadTooLarge
+from .exceptions import QflowError as QflowError
+from .exceptions import ResultTimeout as ResultTimeout
+from .exceptions import Retry as Retry
+from .exceptions import SchemaMismatch as SchemaMismatch
+from .exceptions import UnknownJobName as UnknownJobName
+
+__all__ = (
+    "App",
+    "Backoff",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "Job",
+    "JobFailed",
+    "JobNotFound",
+    "JobSpec",
+    "PayloadError",
+    "PayloadTooLarge",
+    "Processor",
+    "QflowError",
+    "Queue",
+    "ResultTimeout",
+    "Retry",
+    "SchemaMismatch",
+    "State",
+    "UnknownJobName",
+    "Worker",
+    "WorkerSettings",
+    "RetentionSettings",
+)
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,345 @@
+"""The producer side: ``Queue`` (add, add_bulk, counts) and the ``Job`` handle (status, result)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import msgspec
+from redis import exceptions as rexc
+
+from . import _codec
+from ._keys import SCHEMA_VERSION, QueueKeys
+from ._processor import Processor
+from ._scripts import script
+from ._state import Backoff, State
+from .exceptions import (
+    BrokerUnavailable,
+    ConfigurationError,
+    JobFailed,
+    JobNotFound,
+    PayloadError,
+    ResultTimeout,
+    UnknownJobName,
+)
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._settings import RetentionSettings
+
+__all__ = ("Job", "JobSpec", "Queue")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_ADD_CHUNK = 500  # jobs per add script call in add_bulk: bounds the time one script holds the server
+
+
+class JobSpec(msgspec.Struct, frozen=True):
+    """One job for ``Queue.add_bulk``: the same fields as ``Queue.add``'s arguments."""
+
+    name: str
+    payload: Any = None
+    job_id: str | None = None
+    delay: float | None = None
+    run_at: datetime | None = None
+    attempts: int | None = None
+    timeout: float | None = None
+    backoff: Backoff | None = None
+
+
+class Job(Generic[T]):
+    """A handle on one job. Producers get it from ``add``; processors receive it as their argument.
+
+    ``payload`` is the validated payload (a typed processor's Struct, or plain data). In a processor,
+    ``attempt`` is the number of this run (1 = first) and ``stalls`` how many times the job was recovered
+    from a dead worker.
+    """
+
+    __slots__ = ("attempt", "id", "name", "payload", "queue", "stalls")
+
+    def __init__(
+        self, queue: Queue, id: str, name: str, payload: T, *, attempt: int = 0, stalls: int = 0
+    ) -> None:
+        self.queue = queue
+        self.id = id
+        self.name = name
+        self.payload = payload
+        self.attempt = attempt
+        self.stalls = stalls
+
+    def __repr__(self) -> str:
+        return f"<qflow.Job {self.queue.name}:{self.name} id={self.id}>"
+
+    async def status(self) -> State | None:
+        """The job's current state, or ``None`` if no such job exists (never added, or trimmed)."""
+        client = self.queue.app.redis()
+        try:
+            raw = await client.hget(self.queue.keys.state, self.id)
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+        return None if raw is None else State(raw.decode())
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to finish and return its result.
+
+        Raises ``JobFailed`` if it failed, ``ResultTimeout`` after ``timeout`` seconds (``None``: wait
+        forever), ``JobNotFound`` if there is no such job. Waiting blocks on the server; it does not poll.
+        """
+        app = self.queue.app
+        client = app.redis()
+        keys = self.queue.keys
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        notify = keys.notify(self.id)
+        # A blocking call must return before the socket timeout fires; recovery by the stalled-job checker
+        # does not notify, so re-reading every few seconds also bounds how late such a failure is seen.
+        chunk = max(0.05, min(2.0, app.socket_timeout - 1.0))
+        watch = script("watch")
+        while True:
+            state, data = await watch(
+                client, [keys.state, keys.results, keys.errors, keys.waiters], [self.id]
+            )
+            if state is None:
+                raise JobNotFound(f"no job {self.id!r} in queue {self.queue.name!r}")
+            if state == b"completed":
+                return _codec.decode_any(data) if data is not None else None
+            if state == b"failed":
+                info = (
+                    _codec.decode_error(data)
+                    if data is not None
+                    else _codec.ErrorInfo(type="Unknown", message="no error recorded")
+                )
+                raise JobFailed(self.id, info.type, info.message, info.traceback)
+            wait = chunk
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ResultTimeout(
+                        f"job {self.id} in queue {self.queue.name!r} not finished after {timeout}s "
+                        f"(state: {state.decode()})"
+                    )
+                wait = min(wait, remaining)
+            try:
+                await client.execute_command("BLMOVE", notify, notify, "RIGHT", "RIGHT", f"{wait:.3f}")
+            except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+                raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+
+
+class Queue:
+    """A named queue. ``add`` enqueues from any process; ``@queue.processor`` declares a consumer."""
+
+    def __init__(self, app: App, name: str, *, retention: RetentionSettings) -> None:
+        self.app = app
+        self.name = name
+        self.retention = retention
+        self.keys = QueueKeys(app.prefix, name)
+        self.processors: dict[str, Processor[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<qflow.Queue {self.name!r} processors={sorted(self.processors)}>"
+
+    @overload
+    def processor(
+        self,
+        fn: Callable[[Job[T]], Awaitable[R]],
+        /,
+    ) -> Processor[T, R]: ...
+
+    @overload
+    def processor(
+        self,
+        fn: Callable[[Job[T]], R],
+        /,
+    ) -> Processor[T, R]: ...
+
+    @overload
+    def processor(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        timeout: float | None = None,
+        attempts: int = 1,
+        backoff: Backoff | None = None,
+    ) -> _Decorator: ...
+
+    def processor(
+        self,
+        fn: Callable[[Job[Any]], Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        timeout: float | None = None,
+        attempts: int = 1,
+        backoff: Backoff | None = None,
+    ) -> Processor[Any, Any] | _Decorator:
+        """Declare the handler for jobs called ``name`` (default: the function's name) on this queue.
+
+        Use bare (``@queue.processor``) or with options (``@queue.processor(concurrency=5)``). ``async def``
+        handlers run on the worker's event loop; plain ``def`` handlers run in a thread, never on the loop.
+        Declaring starts nothing: a worker process runs the processors.
+        """
+
+        def register(f: Callable[[Job[Any]], Any]) -> Processor[Any, Any]:
+            job_name = name or getattr(f, "__name__", None)
+            if not job_name or not isinstance(job_name, str):
+                raise ConfigurationError(f"processor {f!r} needs an explicit name=")
+            if job_name in self.processors:
+                raise ConfigurationError(
+                    f"queue {self.name!r} already has a processor named {job_name!r}"
+                )
+            proc: Processor[Any, Any] = Processor(
+                self,
+                f,
+                name=job_name,
+                concurrency=concurrency,
+                timeout=timeout,
+                attempts=attempts,
+                backoff=backoff,
+            )
+            self.processors[job_name] = proc
+            return proc
+
+        if fn is not None:
+            return register(fn)
+        return _Decorator(register)
+
+    def _prepare(self, spec: JobSpec) -> tuple[Job[Any], list[bytes | str | int]]:
+        """Validate and encode one job; nothing is written. Returns its handle and its add-script ARGV."""
+        if not isinstance(spec.name, str) or not spec.name:
+            raise ConfigurationError(f"job name must be a non-empty str, got {spec.name!r}")
+        proc = self.processors.get(spec.name)
+        if proc is None and self.processors:
+            raise UnknownJobName(
+                f"queue {self.name!r} has no processor named {spec.name!r} "
+                f"(registered: {', '.join(sorted(self.processors))})"
+            )
+        if proc is not None:
+            payload, data = proc.validate(spec.payload)
+        else:
+            payload = spec.payload
+            data = _codec.encode_payload(
+                payload, limit=self.app.max_payload_bytes, what=f"job {self.name}:{spec.name}"
+            )
+        job_id = spec.job_id if spec.job_id is not None else secrets.token_hex(10)
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
+            raise ConfigurationError(f"job_id must be a non-empty str of <= 256 chars, got {job_id!r}")
+        if spec.attempts is not None and (not isinstance(spec.attempts, int) or spec.attempts < 1):
+            raise ConfigurationError(f"attempts must be an int >= 1, got {spec.attempts!r}")
+        if spec.timeout is not None and spec.timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {spec.timeout!r}")
+        if spec.delay is not None and spec.run_at is not None:
+            raise ConfigurationError("give delay= or run_at=, not both")
+        delay_ms = 0
+        if spec.delay is not None:
+            if spec.delay < 0:
+                raise ConfigurationError(f"delay must be >= 0 seconds, got {spec.delay!r}")
+            delay_ms = int(spec.delay * 1000)
+        run_at_ms = 0
+        if spec.run_at is not None:
+            if spec.run_at.tzinfo is None:
+                raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
+            run_at_ms = int(spec.run_at.timestamp() * 1000)
+        envelope = _codec.encode_envelope(
+            _codec.Envelope(
+                name=spec.name,
+                payload=msgspec.Raw(data),
+                attempts=spec.attempts,
+                timeout=spec.timeout,
+                backoff=spec.backoff,
+            )
+        )
+        return Job(self, job_id, spec.name, payload), [job_id, envelope, delay_ms, run_at_ms]
+
+    async def add(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        job_id: str | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        attempts: int | None = None,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+    ) -> Job[Any]:
+        """Enqueue one job; when this returns, the job is in Redis (one round trip).
+
+        ``job_id`` makes the call idempotent: while a job with that id exists, adding it again returns a
+        handle on the existing job. ``delay`` (seconds) or ``run_at`` (aware datetime) postpone it, timed by
+        the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` override the processor's defaults.
+        Invalid input raises before anything is written.
+        """
+        job, argv = self._prepare(
+            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff)
+        )
+        await self._run_add([job], argv)
+        return job
+
+    async def add_bulk(self, jobs: Iterable[JobSpec]) -> list[Job[Any]]:
+        """Enqueue many jobs in few round trips (one script call per 500 jobs).
+
+        Every job is validated first; if any is invalid, none is written.
+        """
+        prepared = [self._prepare(spec) for spec in jobs]
+        handles = [job for job, _ in prepared]
+        for start in range(0, len(prepared), _ADD_CHUNK):
+            chunk = prepared[start : start + _ADD_CHUNK]
+            argv = [part for _, args in chunk for part in args]
+            await self._run_add([job for job, _ in chunk], argv)
+        return handles
+
+    async def _run_add(self, jobs: list[Job[Any]], argv: list[bytes | str | int]) -> None:
+        k = self.keys
+        await script("add")(
+            self.app.redis(),
+            [k.jobs, k.state, k.wait, k.delayed, k.meta],
+            [SCHEMA_VERSION, *argv],
+        )
+
+    def job(self, job_id: str) -> Job[Any]:
+        """A handle on an existing job by id (no I/O; ``status()`` tells whether it exists)."""
+        return Job(self, job_id, "", None)
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs per state right now: waiting, active, delayed, completed, failed (one round trip)."""
+        k = self.keys
+        client = self.app.redis()
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.llen(k.wait).zcard(k.active).zcard(k.delayed).zcard(k.completed).zcard(k.failed)
+                values = await pipe.execute()
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+        return dict(zip(("waiting", "active", "delayed", "completed", "failed"), values, strict=True))
+
+    async def stats(self) -> dict[str, int]:
+        """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""
+        raw = await self.app.redis().hgetall(self.keys.stats)
+        return {key.decode(): int(value) for key, value in raw.items()}
+
+
+class _Decorator:
+    """What ``queue.processor(...)`` with options returns: apply it to the handler."""
+
+    def __init__(self, register: Callable[[Callable[[Job[Any]], Any]], Processor[Any, Any]]) -> None:
+        self._register = register
+
+    @overload
+    def __call__(self, fn: Callable[[Job[T]], Awaitable[R]], /) -> Processor[T, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[Job[T]], R], /) -> Processor[T, R]: ...
+
+    def __call__(self, fn: Callable[[Job[Any]], Any], /) -> Processor[Any, Any]:
+        return self._register(fn)
+
+

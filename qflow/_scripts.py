@@ -1,0 +1,71 @@
+"""Typed access to the Lua scripts in ``lua/``: loading, EVALSHA with reload on NOSCRIPT, error mapping.
+
+Each script file starts with its KEYS / ARGV / return contract. A line ``--!include _lib.lua`` is replaced by
+that file's text when the script is loaded, so shared helpers are written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from .exceptions import BrokerUnavailable, SchemaMismatch
+
+__all__ = ("SCRIPT_NAMES", "Script", "load_source", "script")
+
+SCRIPT_NAMES = (
+    "add", "claim", "complete", "fail", "retry", "release", "renew", "recover", "watch",
+)  # fmt: skip
+
+
+@cache
+def load_source(name: str) -> str:
+    """The Lua source of script ``name`` with its includes expanded."""
+    lua_dir = resources.files("qflow") / "lua"
+    lines = []
+    for line in (lua_dir / f"{name}.lua").read_text(encoding="utf-8").splitlines():
+        if line.startswith("--!include "):
+            lines.append((lua_dir / line.split(maxsplit=1)[1].strip()).read_text(encoding="utf-8"))
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class Script:
+    """One Lua script, called by SHA; reloaded transparently after ``SCRIPT FLUSH`` or a server restart."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = load_source(name)
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run the script; map connection failures to ``BrokerUnavailable``."""
+        try:
+            try:
+                return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                return await client.execute_command("EVAL", self.source, len(keys), *keys, *args)
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer script {self.name!r}: {exc}") from exc
+        except rexc.ResponseError as exc:
+            msg = str(exc)
+            if "QFLOW_SCHEMA" in msg:
+                raise SchemaMismatch(
+                    f"this queue was written with qflow schema {msg.split()[-1]}; this qflow writes a "
+                    "different one: upgrade the older side, or migrate the queue"
+                ) from exc
+            raise
+
+
+@cache
+def script(name: str) -> Script:
+    """The shared ``Script`` object for ``name`` (built once per process)."""
+    return Script(name)

@@ -1,0 +1,105 @@
+"""The job lifecycle as data: states, the transitions between them, and the retry decision.
+
+Pure: no Redis, no asyncio. The Lua scripts in ``lua/`` carry out these transitions atomically; the worker asks
+``decide_after_error`` what to do when a handler raises. ``TRANSITIONS`` is the table the docs draw.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import Literal
+
+import msgspec
+
+__all__ = ("TRANSITIONS", "TERMINAL", "Backoff", "Decision", "State", "decide_after_error")
+
+
+class State(enum.StrEnum):
+    """Where a job is in its life. ``completed`` and ``failed`` are terminal."""
+
+    DELAYED = "delayed"
+    WAITING = "waiting"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.COMPLETED, State.FAILED})
+
+# (from, to, script, why)
+TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
+    (None, State.WAITING, "add", "added with no delay"),
+    (None, State.DELAYED, "add", "added with delay= or run_at= in the future"),
+    (State.DELAYED, State.WAITING, "claim", "its time came (server clock)"),
+    (State.WAITING, State.ACTIVE, "claim", "a worker took it under a lease with a new fencing token"),
+    (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
+    (State.ACTIVE, State.WAITING, "retry", "the handler raised; attempts left; no backoff delay"),
+    (State.ACTIVE, State.DELAYED, "retry", "the handler raised; attempts left; backoff delay"),
+    (State.ACTIVE, State.FAILED, "fail", "the handler raised with no attempts left, or a payload/name error"),
+    (State.ACTIVE, State.WAITING, "release", "graceful stop: drain timeout passed; no attempt spent"),
+    (State.ACTIVE, State.WAITING, "recover", "lease expired (worker died); stalls <= max_stalls"),
+    (State.ACTIVE, State.FAILED, "recover", "lease expired more than max_stalls times: reason 'stalled'"),
+)
+
+
+class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How long to wait before retrying a failed attempt.
+
+    ``kind="fixed"`` waits ``delay`` every time; ``"exponential"`` waits ``delay * 2**(attempt-1)``; both are
+    capped at ``max_delay``. ``jitter`` (0..1) randomises each wait down by up to that fraction, so jobs that
+    failed together do not all retry in the same instant.
+    """
+
+    kind: Literal["fixed", "exponential"] = "exponential"
+    delay: float = 1.0
+    max_delay: float = 3600.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.delay < 0 or self.max_delay < 0:
+            raise ValueError("Backoff delays must be >= 0 seconds")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"Backoff jitter must be within 0..1, got {self.jitter!r}")
+
+    def seconds(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before the retry that follows failed attempt number ``attempt`` (1-based)."""
+        if self.kind == "fixed":
+            base = self.delay
+        else:
+            base = self.delay * (2.0 ** min(max(attempt - 1, 0), 62))
+        base = min(base, self.max_delay)
+        if self.jitter:
+            base *= 1.0 - self.jitter * (rng or random).random()
+        return base
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """What to do after a failed attempt: retry after ``delay`` seconds, or fail for good."""
+
+    retry: bool
+    delay: float = 0.0
+
+
+def decide_after_error(
+    *,
+    attempts_spent: int,
+    max_attempts: int,
+    backoff: Backoff | None,
+    requested_delay: float | None,
+    rng: random.Random | None = None,
+) -> Decision:
+    """Decide the fate of a job whose handler just raised.
+
+    ``attempts_spent`` counts earlier failed attempts, not this one. ``requested_delay`` is set when the
+    handler raised ``qflow.Retry(delay=...)``; it wins over the backoff policy. Crash recoveries (stalls) are
+    counted apart and never reach here.
+    """
+    this_attempt = attempts_spent + 1
+    if this_attempt >= max_attempts:
+        return Decision(retry=False)
+    if requested_delay is not None:
+        return Decision(retry=True, delay=requested_delay)
+    if backoff is None:
+        return Decision(retry=True, delay=0.0)
+    return Decision(retry=True, delay=backoff.seconds(this_attempt, rng))

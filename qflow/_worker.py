@@ -1,0 +1,647 @@
+"""One worker process's loop: claim -> run under the processor's semaphore -> ack; leases; stalled checks; drain.
+
+Shape (one task group per worker):
+
+- a *fetcher* per queue claims jobs in batches sized by free concurrency, and blocks on the server
+  (``BLMOVE wait wait``, which wakes without taking the job) when there is nothing to claim;
+- a *handler task* per job runs the processor under its per-process semaphore (sync handlers in a thread);
+- an *acker* per queue sends the completions that piled up while the previous batch was in flight, as one
+  script call;
+- one *renewer* extends every lease this process holds, all queues in one pipelined round trip, and cancels
+  handlers whose lease was lost;
+- a *checker* per queue runs the stalled-job recovery (one checker acts per interval fleet-wide).
+
+A job id is never only in this process's memory: the claim script moves it from ``wait`` into ``active``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+from redis import exceptions as rexc
+
+from . import _codec
+from ._queue import Job, Queue
+from ._scripts import script
+from ._settings import WorkerSettings
+from ._state import decide_after_error
+from .exceptions import BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._processor import Processor
+
+__all__ = ("Worker",)
+
+log = logging.getLogger(__name__)
+
+_RELEASE_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is released anyway
+
+
+class _Slots:
+    """A counter of free job slots; the fetcher takes several at once, handlers give them back one by one."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._event = asyncio.Event()
+        self._event.set()
+
+    async def take(self, most: int, stop: asyncio.Event) -> int:
+        while self.free == 0 and not stop.is_set():
+            self._event.clear()
+            await _wait_first(self._event.wait(), stop.wait())
+        if stop.is_set():
+            return 0
+        n = min(self.free, most)
+        self.free -= n
+        return n
+
+    def give(self, n: int = 1) -> None:
+        self.free += n
+        self._event.set()
+
+
+class _Delivery:
+    """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
+
+    __slots__ = ("attempts", "cancel_reason", "envelope", "id", "stalls", "task", "token")
+
+    def __init__(self, id: str, token: bytes, envelope: bytes, attempts: int, stalls: int) -> None:
+        self.id = id
+        self.token = token
+        self.envelope = envelope
+        self.attempts = attempts
+        self.stalls = stalls
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+
+
+class _QueueRunner:
+    """Per-queue state of a worker: processors, slots, deliveries in flight, pending acks."""
+
+    def __init__(self, queue: Queue, concurrency: int | None) -> None:
+        self.queue = queue
+        self.keys = queue.keys
+        self.concurrency = {
+            name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
+        }
+        self.semaphores = {name: asyncio.Semaphore(n) for name, n in self.concurrency.items()}
+        self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
+        self.slots = _Slots(sum(self.concurrency.values()))
+        self.in_flight: dict[str, _Delivery] = {}
+        self.pending_acks: list[tuple[_Delivery, bytes, asyncio.Future[bool]]] = []
+        self.ack_event = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+class Worker:
+    """Runs the processors of some queues in this process. Usually started by ``App.run_worker``."""
+
+    def __init__(
+        self,
+        app: App,
+        queues: Iterable[str | Queue] | None = None,
+        *,
+        concurrency: int | None = None,
+        burst: bool = False,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        self.app = app
+        self.settings = settings or app.worker_settings
+        self.burst = burst
+        self._concurrency = concurrency
+        selected: list[Queue] = []
+        if queues is None:
+            selected = [q for q in app.queues.values() if q.processors]
+        else:
+            for q in queues:
+                name = q.name if isinstance(q, Queue) else q
+                if name not in app.queues:
+                    raise ConfigurationError(
+                        f"no queue named {name!r} in this app (declared: {', '.join(sorted(app.queues))})"
+                    )
+                selected.append(app.queues[name])
+        if not selected:
+            raise ConfigurationError("nothing to run: no selected queue has a processor")
+        for q in selected:
+            if not q.processors:
+                raise ConfigurationError(f"queue {q.name!r} has no processors to run")
+            for proc in q.processors.values():
+                _ = proc.payload_type  # resolve type hints now: a bad annotation fails at start
+        self.queues = selected
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.jobs_done = 0
+        self.stale_acks = 0
+        self._stop: asyncio.Event | None = None
+        self._fast = False
+        self._runners: list[_QueueRunner] = []
+
+    # -- control -----------------------------------------------------------------------------------------
+
+    def stop(self, *, fast: bool = False) -> None:
+        """Ask the worker to stop: finish in-flight jobs up to the drain timeout (``fast``: release now)."""
+        self._fast = self._fast or fast
+        if self._stop is not None:
+            self._stop.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs this worker holds right now."""
+        return sum(len(r.in_flight) for r in self._runners)
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
+        self._stop = asyncio.Event()
+        self._runners = [_QueueRunner(q, self._concurrency) for q in self.queues]
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info(
+            "worker %s started: queues %s",
+            self.id,
+            ", ".join(f"{r.queue.name}(c={r.slots.total})" for r in self._runners),
+        )
+        background: list[asyncio.Task[None]] = []
+        try:
+            background.append(asyncio.create_task(self._renew_loop(), name="qflow-renew"))
+            background += [
+                asyncio.create_task(self._check_loop(r), name=f"qflow-check-{r.queue.name}")
+                for r in self._runners
+            ]
+            background += [
+                asyncio.create_task(self._ack_loop(r), name=f"qflow-ack-{r.queue.name}")
+                for r in self._runners
+            ]
+            fetchers = [
+                asyncio.create_task(self._fetch_loop(r), name=f"qflow-fetch-{r.queue.name}")
+                for r in self._runners
+            ]
+            try:
+                await asyncio.gather(*fetchers)
+            finally:
+                for t in fetchers:
+                    t.cancel()
+                await asyncio.gather(*fetchers, return_exceptions=True)
+            await self._drain()
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("worker %s stopped: %d jobs done", self.id, self.jobs_done)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop is not None and self._stop.is_set():
+            log.warning("second %s: stopping now, releasing unfinished jobs", sig.name)
+            self._fast = True
+            self._stop.set()
+            for r in self._runners:
+                for d in r.in_flight.values():
+                    self._cancel(d, "release")
+        else:
+            log.info("%s: draining (up to %.0fs); send again to stop now", sig.name,
+                     self.settings.drain_timeout)  # fmt: skip
+            self.stop()
+
+    # -- fetching ----------------------------------------------------------------------------------------
+
+    async def _fetch_loop(self, r: _QueueRunner) -> None:
+        assert self._stop is not None
+        stop = self._stop
+        client = self.app.redis()
+        k = r.keys
+        claim = script("claim")
+        lease_ms = int(self.settings.lease_ttl * 1000)
+        failures = 0
+        while not stop.is_set():
+            n = await r.slots.take(self.settings.claim_batch, stop)
+            if n == 0:
+                break
+            try:
+                res = await claim(
+                    client,
+                    [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls,
+                     k.seq],
+                    [n, lease_ms, 1000],
+                )  # fmt: skip
+                failures = 0
+            except BrokerUnavailable as exc:
+                r.slots.give(n)
+                failures += 1
+                log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
+                await _wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
+                continue
+            next_due_ms, waiting = int(res[0]), int(res[1])
+            got = 0
+            for i in range(2, len(res), 5):
+                d = _Delivery(res[i].decode(), res[i + 1], res[i + 2], int(res[i + 3]), int(res[i + 4]))
+                self._start(r, d)
+                got += 1
+            if got < n:
+                r.slots.give(n - got)
+            if got or waiting:
+                continue
+            if self.burst and await self._drained(r):
+                break
+            timeout = self.settings.block_timeout
+            if next_due_ms >= 0:
+                timeout = min(timeout, next_due_ms / 1000)
+            if timeout <= 0:
+                continue
+            await self._wait_for_work(r, timeout)
+
+    async def _wait_for_work(self, r: _QueueRunner, timeout: float) -> None:
+        """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
+        assert self._stop is not None
+        client = self.app.redis()
+        blocking = client.execute_command(
+            "BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}"
+        )
+        waits: list[Awaitable[Any]] = [blocking, self._stop.wait()]
+        if self.burst and r.in_flight:
+            waits.append(r.idle.wait())
+        try:
+            await _wait_first(*waits)
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
+            await _wait_first(self._stop.wait(), asyncio.sleep(0.2))
+
+    async def _drained(self, r: _QueueRunner) -> bool:
+        if r.in_flight:
+            return False
+        k = r.keys
+        try:
+            async with self.app.redis().pipeline(transaction=True) as pipe:
+                pipe.llen(k.wait).zcard(k.delayed).zcard(k.active)
+                counts = await pipe.execute()
+        except (rexc.ConnectionError, rexc.TimeoutError):
+            return False
+        return not any(counts)
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def _start(self, r: _QueueRunner, d: _Delivery) -> None:
+        r.in_flight[d.id] = d
+        r.idle.clear()
+        d.task = asyncio.create_task(self._run_job(r, d), name=f"qflow-job-{d.id}")
+
+    def _cancel(self, d: _Delivery, reason: str) -> None:
+        if d.cancel_reason is None:
+            d.cancel_reason = reason
+        if d.task is not None and not d.task.done():
+            d.task.cancel()
+
+    async def _run_job(self, r: _QueueRunner, d: _Delivery) -> None:
+        try:
+            await self._execute(r, d)
+        except asyncio.CancelledError:
+            if d.cancel_reason is None:
+                raise
+            # Cancelled by us: "lost" (lease gone; another delivery owns the job) or "release" (drain
+            # timeout: _drain hands the job back). Nothing to ack here.
+        except Exception:
+            log.exception("internal error while running job %s:%s", r.queue.name, d.id)
+        finally:
+            if d.cancel_reason != "release":
+                r.in_flight.pop(d.id, None)
+            r.slots.give(1)
+            if not r.in_flight:
+                r.idle.set()
+
+    async def _execute(self, r: _QueueRunner, d: _Delivery) -> None:
+        q = r.queue
+        try:
+            env = _codec.decode_envelope(d.envelope)
+        except PayloadError as exc:
+            await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "payload"))
+            return
+        proc = q.processors.get(env.name)
+        if proc is None:
+            err = _codec.ErrorInfo(
+                type="UnknownJobName",
+                message=f"no processor registered for job name {env.name!r} on queue {q.name!r} "
+                f"(registered: {', '.join(sorted(q.processors))})",
+                kind="unknown_name",
+            )
+            await self._fail(r, d, err)
+            return
+        try:
+            payload = proc.decode_payload(bytes(env.payload))
+        except PayloadError as exc:
+            await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "payload"))
+            return
+        job: Job[Any] = Job(q, d.id, env.name, payload, attempt=d.attempts + 1, stalls=d.stalls)
+        timeout = env.timeout if env.timeout is not None else proc.timeout
+        max_attempts = env.attempts if env.attempts is not None else proc.attempts
+        backoff = env.backoff if env.backoff is not None else proc.backoff
+        try:
+            async with r.semaphores[proc.name]:
+                result = await self._call(r, proc, job, timeout)
+        except asyncio.CancelledError:
+            raise
+        except _HandlerTimeout as exc:
+            error: Exception = exc
+            info = _codec.ErrorInfo(
+                type="TimeoutError",
+                message=f"{q.name}:{proc.name} exceeded its timeout of {timeout}s",
+                traceback=_codec.ErrorInfo.from_exception(exc).traceback,
+                kind="timeout",
+            )
+        except Exception as exc:
+            error = exc
+            info = _codec.ErrorInfo.from_exception(exc)
+        else:
+            await self._complete(r, d, proc, result)
+            return
+        decision = decide_after_error(
+            attempts_spent=d.attempts,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            requested_delay=error.delay if isinstance(error, Retry) else None,
+        )
+        if decision.retry:
+            log.info("job %s:%s attempt %d failed (%s: %s); retry in %.2fs", q.name, d.id,
+                     job.attempt, info.type, info.message, decision.delay)  # fmt: skip
+            await self._retry(r, d, decision.delay, info)
+        else:
+            log.warning("job %s:%s failed after %d attempt(s): %s: %s", q.name, d.id,
+                        job.attempt, info.type, info.message)  # fmt: skip
+            await self._fail(r, d, info, spent=True)
+
+    async def _complete(
+        self, r: _QueueRunner, d: _Delivery, proc: Processor[Any, Any], result: Any
+    ) -> None:
+        try:
+            data = _codec.encode_payload(
+                result, limit=self.app.max_payload_bytes, what=f"result of {r.queue.name}:{proc.name}"
+            )
+        except PayloadError as exc:
+            await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "result"), spent=True)
+            return
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        r.pending_acks.append((d, data, fut))
+        r.ack_event.set()
+        if await fut:
+            self.jobs_done += 1
+
+    async def _call(
+        self, r: _QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
+    ) -> Any:
+        if proc.is_async:
+            fn = typing.cast("Callable[[Job[Any]], Awaitable[Any]]", proc.fn)
+            coro = fn(job)
+        else:
+            sync_fn = typing.cast("Callable[[Job[Any]], Any]", proc.fn)
+            # A sync handler never runs on the event loop. On timeout the thread cannot be interrupted: it
+            # is abandoned (its result ignored) and the job moves on.
+            coro = anyio.to_thread.run_sync(
+                sync_fn, job, limiter=r.limiters[proc.name], abandon_on_cancel=True
+            )
+        if timeout is None:
+            return await coro
+        try:
+            async with asyncio.timeout(timeout):
+                return await coro
+        except TimeoutError as exc:
+            raise _HandlerTimeout() from exc
+
+    # -- acking ------------------------------------------------------------------------------------------
+
+    async def _ack_loop(self, r: _QueueRunner) -> None:
+        client = self.app.redis()
+        k = r.keys
+        ret = r.queue.retention
+        complete = script("complete")
+        keep_age = -1 if ret.completed_age is None else int(ret.completed_age * 1000)
+        notify_ttl = max(60_000, keep_age)
+        while True:
+            await r.ack_event.wait()
+            r.ack_event.clear()
+            batch, r.pending_acks = r.pending_acks, []
+            for start in range(0, len(batch), 200):
+                part = batch[start : start + 200]
+                argv: list[Any] = [ret.completed_count, keep_age, notify_ttl]
+                for d, data, _ in part:
+                    argv += [d.id, d.token, data]
+                keys = [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts,
+                        k.stalls, k.errors, k.waiters, k.stats] + [k.notify(d.id) for d, _, _ in part]  # fmt: skip
+                try:
+                    flags = await self._with_retries(lambda: complete(client, keys, argv))
+                except Exception as exc:
+                    log.error("could not record %d completions on %s: %s; their leases will expire "
+                              "and the jobs run again", len(part), r.queue.name, exc)  # fmt: skip
+                    flags = [0] * len(part)
+                for (d, _, fut), ok in zip(part, flags, strict=True):
+                    if not ok:
+                        self._stale(r, d, "complete")
+                    if not fut.done():
+                        fut.set_result(bool(ok))
+
+    async def _with_retries(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Retry an ack while Redis is unreachable, up to one lease TTL (after which it would be rejected)."""
+        deadline = asyncio.get_running_loop().time() + self.settings.lease_ttl
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except BrokerUnavailable:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _stale(self, r: _QueueRunner, d: _Delivery, what: str) -> None:
+        self.stale_acks += 1
+        log.warning("%s of job %s:%s rejected: its lease expired and the job was recovered "
+                    "(it may run again elsewhere)", what, r.queue.name, d.id)  # fmt: skip
+
+    async def _fail(
+        self, r: _QueueRunner, d: _Delivery, info: _codec.ErrorInfo, *, spent: bool = True
+    ) -> None:
+        k = r.keys
+        ret = r.queue.retention
+        keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
+        keys = [k.active, k.tokens, k.state, k.errors, k.failed, k.jobs, k.attempts, k.stalls,
+                k.results, k.waiters, k.stats, k.notify(d.id)]  # fmt: skip
+        argv = [d.id, d.token, _codec.encode_error(info), int(spent), ret.failed_count, keep_age,
+                max(60_000, keep_age)]  # fmt: skip
+        fail = script("fail")
+        ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
+        if not ok:
+            self._stale(r, d, "fail")
+
+    async def _retry(
+        self, r: _QueueRunner, d: _Delivery, delay: float, info: _codec.ErrorInfo
+    ) -> None:
+        k = r.keys
+        keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
+        argv = [d.id, d.token, int(delay * 1000), _codec.encode_error(info)]
+        retry = script("retry")
+        ok = await self._with_retries(lambda: retry(self.app.redis(), keys, argv))
+        if not ok:
+            self._stale(r, d, "retry")
+
+    # -- leases ------------------------------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        interval = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew_leases()
+            except QflowError as exc:
+                log.warning("lease renewal failed (%s); retrying in %.1fs", exc, interval)
+
+    async def renew_leases(self) -> None:
+        """Extend every lease this process holds: one pipelined round trip for all queues."""
+        runners = [r for r in self._runners if r.in_flight]
+        if not runners:
+            return
+        renew = script("renew")
+        lease_ms = int(self.settings.lease_ttl * 1000)
+        calls: list[tuple[_QueueRunner, list[str], list[Any]]] = []
+        for r in runners:
+            argv: list[Any] = [lease_ms]
+            for d in r.in_flight.values():
+                argv += [d.id, d.token]
+            calls.append((r, [r.keys.active, r.keys.tokens], argv))
+        client = self.app.redis()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for _, keys, argv in calls:
+                    pipe.execute_command("EVALSHA", renew.sha, len(keys), *keys, *argv)
+                results = await pipe.execute(raise_on_error=False)
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer lease renewal: {exc}") from exc
+        for (r, keys, argv), lost in zip(calls, results, strict=True):
+            if isinstance(lost, rexc.NoScriptError):
+                lost = await renew(client, keys, argv)
+            elif isinstance(lost, Exception):
+                raise lost
+            for raw in lost:
+                d = r.in_flight.get(raw.decode())
+                if d is not None:
+                    log.warning("lease on job %s:%s lost (expired or recovered): cancelling its "
+                                "handler; another worker may run it", r.queue.name, d.id)  # fmt: skip
+                    self._cancel(d, "lost")
+
+    async def _check_loop(self, r: _QueueRunner) -> None:
+        interval = self.settings.check_interval
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                await self.check_stalled(r.queue)
+            except QflowError as exc:
+                log.warning("stalled-job check on %s failed: %s", r.queue.name, exc)
+            await asyncio.sleep(interval)
+
+    async def check_stalled(self, queue: Queue) -> list[str]:
+        """Run the stalled-job recovery for ``queue`` once; returns the ids it recovered or failed."""
+        k = queue.keys
+        ret = queue.retention
+        s = self.settings
+        stalled_error = _codec.encode_error(
+            _codec.ErrorInfo(
+                type="Stalled",
+                message=f"job stalled more than max_stalls={s.max_stalls} times "
+                "(its worker died or stopped renewing its lease)",
+                kind="stalled",
+            )
+        )
+        res = await script("recover")(
+            self.app.redis(),
+            [k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls, k.checker, k.stats,
+             k.jobs, k.results, k.attempts, k.waiters],
+            [self.id, max(1, int(s.check_interval * 800)), s.max_stalls, stalled_error,
+             ret.failed_count, -1 if ret.failed_age is None else int(ret.failed_age * 1000), 1000],
+        )  # fmt: skip
+        if int(res[0]) < 0:
+            return []
+        ids = [x.decode() for x in res[2:]]
+        if ids:
+            log.warning("recovered %d stalled job(s) on %s (%d failed as stalled)",
+                        int(res[0]), queue.name, int(res[1]))  # fmt: skip
+        return ids
+
+    # -- stopping ----------------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        runners = self._runners
+        tasks = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
+        if tasks and not self._fast:
+            log.info("draining %d in-flight job(s), up to %.1fs", len(tasks), self.settings.drain_timeout)
+            await asyncio.wait(tasks, timeout=self.settings.drain_timeout)
+        for r in runners:
+            for d in list(r.in_flight.values()):
+                self._cancel(d, "release")
+        leftover = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
+        if leftover:
+            _, pending = await asyncio.wait(leftover, timeout=_RELEASE_GRACE)
+            if pending:
+                log.warning("%d handler(s) ignored cancellation; releasing their jobs anyway",
+                            len(pending))  # fmt: skip
+        # Let the ackers flush what finished handlers queued.
+        for r in runners:
+            if r.pending_acks:
+                r.ack_event.set()
+        await asyncio.sleep(0)
+        for r in runners:
+            to_release = [d for d in r.in_flight.values() if d.cancel_reason == "release"]
+            if to_release:
+                await self._release(r, to_release)
+            r.in_flight.clear()
+
+    async def _release(self, r: _QueueRunner, deliveries: list[_Delivery]) -> None:
+        k = r.keys
+        argv: list[Any] = []
+        for d in deliveries:
+            argv += [d.id, d.token]
+        release = script("release")
+        try:
+            flags = await self._with_retries(
+                lambda: release(self.app.redis(), [k.active, k.tokens, k.state, k.wait, k.stats], argv)
+            )
+        except BrokerUnavailable as exc:
+            log.error("could not release %d job(s) on %s (%s): they return when their leases "
+                      "expire", len(deliveries), r.queue.name, exc)  # fmt: skip
+            return
+        log.info("released %d unfinished job(s) on %s back to waiting", sum(flags), r.queue.name)
+
+
+class _HandlerTimeout(Exception):
+    """The handler ran past its timeout (internal; recorded as a TimeoutError)."""
+
+
+async def _wait_first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first awaitable finishes; cancel the rest. Re-raise its exception, if any."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        exc = t.exception()
+        if exc is not None:
+            raise exc

@@ -1,0 +1,48 @@
+-- claim: promote due delayed jobs, then move up to `count` waiting jobs into `active`, each under a new lease.
+--
+-- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
+-- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
+-- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
+-- Returns: { ms until the next delayed job is due (-1: none), waiting jobs left,
+--            then groups of 5: id, token, envelope, attempts spent, stalls }
+-- A job id whose envelope is gone (deleted by hand) is dropped from `wait` and not returned.
+--!include _lib.lua
+
+local now = now_ms()
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+if #due > 0 then
+  redis.call('ZREM', KEYS[3], unpack(due))
+  for _, id in ipairs(due) do
+    redis.call('LPUSH', KEYS[1], id)
+    redis.call('HSET', KEYS[5], id, 'waiting')
+  end
+end
+
+local out = {-1, 0}
+local ids = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if ids then
+  local last = redis.call('INCRBY', KEYS[9], #ids)
+  local deadline = now + tonumber(ARGV[2])
+  for i, id in ipairs(ids) do
+    local env = redis.call('HGET', KEYS[4], id)
+    if env then
+      local token = tostring(last - #ids + i)
+      redis.call('ZADD', KEYS[2], deadline, id)
+      redis.call('HSET', KEYS[6], id, token)
+      redis.call('HSET', KEYS[5], id, 'active')
+      out[#out + 1] = id
+      out[#out + 1] = token
+      out[#out + 1] = env
+      out[#out + 1] = tonumber(redis.call('HGET', KEYS[7], id) or '0')
+      out[#out + 1] = tonumber(redis.call('HGET', KEYS[8], id) or '0')
+    else
+      redis.call('HDEL', KEYS[5], id)
+    end
+  end
+end
+
+local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if #nxt > 0 then out[1] = math.max(0, tonumber(nxt[2]) - now) end
+out[2] = redis.call('LLEN', KEYS[1])
+return out
