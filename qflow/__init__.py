@@ -41,13 +41,13 @@ __all__ = (
     "QflowError",
     "Queue",
     "ResultTimeout",
+    "RetentionSettings",
     "Retry",
     "SchemaMismatch",
     "State",
     "UnknownJobName",
     "Worker",
     "WorkerSettings",
-    "RetentionSettings",
 )
 
 __version__ = "0.1.0.dev0"

@@ -30,7 +30,7 @@ DECODE_ERRORS: Final = (
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
-    """What ``add`` stores for a job: name, raw payload bytes, and option overrides (None = processor default)."""
+    """What ``add`` stores: name, raw payload bytes, option overrides (None = processor default)."""
 
     name: str
     payload: msgspec.Raw

@@ -131,7 +131,21 @@ class QueueKeys:
     def all_fixed(self) -> tuple[str, ...]:
         """Every key of the queue except the per-job ``notify`` lists (for purging and tests)."""
         return (
-            self.wait, self.active, self.delayed, self.completed, self.failed, self.jobs,
-            self.state, self.tokens, self.attempts, self.stalls, self.results, self.errors,
-            self.waiters, self.seq, self.stats, self.checker, self.meta,
-        )  # fmt: skip
+            self.wait,
+            self.active,
+            self.delayed,
+            self.completed,
+            self.failed,
+            self.jobs,
+            self.state,
+            self.tokens,
+            self.attempts,
+            self.stalls,
+            self.results,
+            self.errors,
+            self.waiters,
+            self.seq,
+            self.stats,
+            self.checker,
+            self.meta,
+        )

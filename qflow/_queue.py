@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import typing
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -15,14 +14,13 @@ from redis import exceptions as rexc
 from . import _codec
 from ._keys import SCHEMA_VERSION, QueueKeys
 from ._processor import Processor
-from ._scripts import script
+from ._scripts import command, script
 from ._state import Backoff, State
 from .exceptions import (
     BrokerUnavailable,
     ConfigurationError,
     JobFailed,
     JobNotFound,
-    PayloadError,
     ResultTimeout,
     UnknownJobName,
 )
@@ -82,7 +80,7 @@ class Job(Generic[T]):
             raw = await client.hget(self.queue.keys.state, self.id)
         except (rexc.ConnectionError, rexc.TimeoutError) as exc:
             raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
-        return None if raw is None else State(raw.decode())
+        return None if raw is None else State(_text(raw))
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to finish and return its result.
@@ -121,11 +119,11 @@ class Job(Generic[T]):
                 if remaining <= 0:
                     raise ResultTimeout(
                         f"job {self.id} in queue {self.queue.name!r} not finished after {timeout}s "
-                        f"(state: {state.decode()})"
+                        f"(state: {_text(state)})"
                     )
                 wait = min(wait, remaining)
             try:
-                await client.execute_command("BLMOVE", notify, notify, "RIGHT", "RIGHT", f"{wait:.3f}")
+                await command(client, "BLMOVE", notify, notify, "RIGHT", "RIGHT", f"{wait:.3f}")
             except (rexc.ConnectionError, rexc.TimeoutError) as exc:
                 raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
 
@@ -193,9 +191,7 @@ class Queue:
             if not job_name or not isinstance(job_name, str):
                 raise ConfigurationError(f"processor {f!r} needs an explicit name=")
             if job_name in self.processors:
-                raise ConfigurationError(
-                    f"queue {self.name!r} already has a processor named {job_name!r}"
-                )
+                raise ConfigurationError(f"queue {self.name!r} already has a processor named {job_name!r}")
             proc: Processor[Any, Any] = Processor(
                 self,
                 f,
@@ -278,9 +274,7 @@ class Queue:
         the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` override the processor's defaults.
         Invalid input raises before anything is written.
         """
-        job, argv = self._prepare(
-            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff)
-        )
+        job, argv = self._prepare(JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff))
         await self._run_add([job], argv)
         return job
 
@@ -315,7 +309,11 @@ class Queue:
         client = self.app.redis()
         try:
             async with client.pipeline(transaction=True) as pipe:
-                pipe.llen(k.wait).zcard(k.active).zcard(k.delayed).zcard(k.completed).zcard(k.failed)
+                pipe.llen(k.wait)
+                pipe.zcard(k.active)
+                pipe.zcard(k.delayed)
+                pipe.zcard(k.completed)
+                pipe.zcard(k.failed)
                 values = await pipe.execute()
         except (rexc.ConnectionError, rexc.TimeoutError) as exc:
             raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
@@ -324,7 +322,7 @@ class Queue:
     async def stats(self) -> dict[str, int]:
         """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""
         raw = await self.app.redis().hgetall(self.keys.stats)
-        return {key.decode(): int(value) for key, value in raw.items()}
+        return {_text(key): int(value) for key, value in raw.items()}
 
 
 class _Decorator:
@@ -343,3 +341,5 @@ class _Decorator:
         return self._register(fn)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

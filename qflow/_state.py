@@ -1,7 +1,7 @@
 """The job lifecycle as data: states, the transitions between them, and the retry decision.
 
-Pure: no Redis, no asyncio. The Lua scripts in ``lua/`` carry out these transitions atomically; the worker asks
-``decide_after_error`` what to do when a handler raises. ``TRANSITIONS`` is the table the docs draw.
+Pure: no Redis, no asyncio. The Lua scripts in ``lua/`` carry out these transitions atomically; the worker
+asks ``decide_after_error`` what to do when a handler raises. ``TRANSITIONS`` is the table the docs draw.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ("TRANSITIONS", "TERMINAL", "Backoff", "Decision", "State", "decide_after_error")
+__all__ = ("TERMINAL", "TRANSITIONS", "Backoff", "Decision", "State", "decide_after_error")
 
 
 class State(enum.StrEnum):
@@ -32,14 +32,34 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
     (None, State.WAITING, "add", "added with no delay"),
     (None, State.DELAYED, "add", "added with delay= or run_at= in the future"),
     (State.DELAYED, State.WAITING, "claim", "its time came (server clock)"),
-    (State.WAITING, State.ACTIVE, "claim", "a worker took it under a lease with a new fencing token"),
+    (
+        State.WAITING,
+        State.ACTIVE,
+        "claim",
+        "a worker took it under a lease with a new fencing token",
+    ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
     (State.ACTIVE, State.WAITING, "retry", "the handler raised; attempts left; no backoff delay"),
     (State.ACTIVE, State.DELAYED, "retry", "the handler raised; attempts left; backoff delay"),
-    (State.ACTIVE, State.FAILED, "fail", "the handler raised with no attempts left, or a payload/name error"),
-    (State.ACTIVE, State.WAITING, "release", "graceful stop: drain timeout passed; no attempt spent"),
+    (
+        State.ACTIVE,
+        State.FAILED,
+        "fail",
+        "the handler raised with no attempts left, or a payload/name error",
+    ),
+    (
+        State.ACTIVE,
+        State.WAITING,
+        "release",
+        "graceful stop: drain timeout passed; no attempt spent",
+    ),
     (State.ACTIVE, State.WAITING, "recover", "lease expired (worker died); stalls <= max_stalls"),
-    (State.ACTIVE, State.FAILED, "recover", "lease expired more than max_stalls times: reason 'stalled'"),
+    (
+        State.ACTIVE,
+        State.FAILED,
+        "recover",
+        "lease expired more than max_stalls times: reason 'stalled'",
+    ),
 )
 
 
@@ -64,10 +84,7 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def seconds(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before the retry that follows failed attempt number ``attempt`` (1-based)."""
-        if self.kind == "fixed":
-            base = self.delay
-        else:
-            base = self.delay * (2.0 ** min(max(attempt - 1, 0), 62))
+        base = self.delay if self.kind == "fixed" else self.delay * 2.0 ** min(max(attempt - 1, 0), 62)
         base = min(base, self.max_delay)
         if self.jitter:
             base *= 1.0 - self.jitter * (rng or random).random()

@@ -1,4 +1,4 @@
-"""One worker process's loop: claim -> run under the processor's semaphore -> ack; leases; stalled checks; drain.
+"""One worker process's loop: claim -> run under the processor's semaphore -> ack; leases; recovery; drain.
 
 Shape (one task group per worker):
 
@@ -24,7 +24,7 @@ import random
 import signal
 import socket
 import typing
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,7 +33,7 @@ from redis import exceptions as rexc
 
 from . import _codec
 from ._queue import Job, Queue
-from ._scripts import script
+from ._scripts import command, script
 from ._settings import WorkerSettings
 from ._state import decide_after_error
 from .exceptions import BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
@@ -118,7 +118,16 @@ class Worker:
         concurrency: int | None = None,
         burst: bool = False,
         settings: WorkerSettings | None = None,
+        max_jobs: int | None = None,
+        companions: Sequence[Callable[[Worker], Awaitable[None]]] = (),
     ) -> None:
+        """Select queues and options; no I/O happens until ``run``.
+
+        ``max_jobs``: stop gracefully after handling that many jobs (recycling). ``companions``: extra
+        coroutines started beside the worker's own tasks and cancelled when it stops (heartbeats, watchdogs).
+        """
+        if max_jobs is not None and max_jobs < 1:
+            raise ConfigurationError(f"max_jobs must be >= 1 or None, got {max_jobs!r}")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
         self.app = app
@@ -145,8 +154,15 @@ class Worker:
                 _ = proc.payload_type  # resolve type hints now: a bad annotation fails at start
         self.queues = selected
         self.id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.max_jobs = max_jobs
+        self.companions = tuple(companions)
         self.jobs_done = 0
+        """Jobs this worker completed."""
+        self.jobs_handled = 0
+        """Jobs this worker finished in any way (completed, failed, retried)."""
         self.stale_acks = 0
+        self.ready = asyncio.Event()
+        """Set once the worker is fetching."""
         self._stop: asyncio.Event | None = None
         self._fast = False
         self._runners: list[_QueueRunner] = []
@@ -163,6 +179,22 @@ class Worker:
     def in_flight(self) -> int:
         """Jobs this worker holds right now."""
         return sum(len(r.in_flight) for r in self._runners)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop is not None and self._stop.is_set()
+
+    def processor_of_task(self, task: asyncio.Task[Any]) -> str | None:
+        """``queue:processor`` of the job a handler task runs, or None (for loop-blocking warnings)."""
+        for r in self._runners:
+            for d in r.in_flight.values():
+                if d.task is task:
+                    try:
+                        return f"{r.queue.name}:{_codec.decode_envelope(d.envelope).name}"
+                    except PayloadError:
+                        return f"{r.queue.name}:?"
+        return None
 
     async def run(self, *, handle_signals: bool = False) -> None:
         """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
@@ -181,6 +213,10 @@ class Worker:
         try:
             background.append(asyncio.create_task(self._renew_loop(), name="qflow-renew"))
             background += [
+                asyncio.create_task(_as_coro(companion(self)), name=f"qflow-companion-{i}")
+                for i, companion in enumerate(self.companions)
+            ]
+            background += [
                 asyncio.create_task(self._check_loop(r), name=f"qflow-check-{r.queue.name}")
                 for r in self._runners
             ]
@@ -192,6 +228,7 @@ class Worker:
                 asyncio.create_task(self._fetch_loop(r), name=f"qflow-fetch-{r.queue.name}")
                 for r in self._runners
             ]
+            self.ready.set()
             try:
                 await asyncio.gather(*fetchers)
             finally:
@@ -217,8 +254,11 @@ class Worker:
                 for d in r.in_flight.values():
                     self._cancel(d, "release")
         else:
-            log.info("%s: draining (up to %.0fs); send again to stop now", sig.name,
-                     self.settings.drain_timeout)  # fmt: skip
+            log.info(
+                "%s: draining (up to %.0fs); send again to stop now",
+                sig.name,
+                self.settings.drain_timeout,
+            )
             self.stop()
 
     # -- fetching ----------------------------------------------------------------------------------------
@@ -238,10 +278,19 @@ class Worker:
             try:
                 res = await claim(
                     client,
-                    [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls,
-                     k.seq],
+                    [
+                        k.wait,
+                        k.active,
+                        k.delayed,
+                        k.jobs,
+                        k.state,
+                        k.tokens,
+                        k.attempts,
+                        k.stalls,
+                        k.seq,
+                    ],
                     [n, lease_ms, 1000],
-                )  # fmt: skip
+                )
                 failures = 0
             except BrokerUnavailable as exc:
                 r.slots.give(n)
@@ -272,9 +321,7 @@ class Worker:
         """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
         assert self._stop is not None
         client = self.app.redis()
-        blocking = client.execute_command(
-            "BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}"
-        )
+        blocking = command(client, "BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}")
         waits: list[Awaitable[Any]] = [blocking, self._stop.wait()]
         if self.burst and r.in_flight:
             waits.append(r.idle.wait())
@@ -290,7 +337,9 @@ class Worker:
         k = r.keys
         try:
             async with self.app.redis().pipeline(transaction=True) as pipe:
-                pipe.llen(k.wait).zcard(k.delayed).zcard(k.active)
+                pipe.llen(k.wait)
+                pipe.zcard(k.delayed)
+                pipe.zcard(k.active)
                 counts = await pipe.execute()
         except (rexc.ConnectionError, rexc.TimeoutError):
             return False
@@ -312,6 +361,10 @@ class Worker:
     async def _run_job(self, r: _QueueRunner, d: _Delivery) -> None:
         try:
             await self._execute(r, d)
+            self.jobs_handled += 1
+            if self.max_jobs is not None and self.jobs_handled >= self.max_jobs and not self.stopping:
+                log.info("handled %d jobs (max_jobs): stopping to be recycled", self.jobs_handled)
+                self.stop()
         except asyncio.CancelledError:
             if d.cancel_reason is None:
                 raise
@@ -378,20 +431,33 @@ class Worker:
             requested_delay=error.delay if isinstance(error, Retry) else None,
         )
         if decision.retry:
-            log.info("job %s:%s attempt %d failed (%s: %s); retry in %.2fs", q.name, d.id,
-                     job.attempt, info.type, info.message, decision.delay)  # fmt: skip
+            log.info(
+                "job %s:%s attempt %d failed (%s: %s); retry in %.2fs",
+                q.name,
+                d.id,
+                job.attempt,
+                info.type,
+                info.message,
+                decision.delay,
+            )
             await self._retry(r, d, decision.delay, info)
         else:
-            log.warning("job %s:%s failed after %d attempt(s): %s: %s", q.name, d.id,
-                        job.attempt, info.type, info.message)  # fmt: skip
+            log.warning(
+                "job %s:%s failed after %d attempt(s): %s: %s",
+                q.name,
+                d.id,
+                job.attempt,
+                info.type,
+                info.message,
+            )
             await self._fail(r, d, info, spent=True)
 
-    async def _complete(
-        self, r: _QueueRunner, d: _Delivery, proc: Processor[Any, Any], result: Any
-    ) -> None:
+    async def _complete(self, r: _QueueRunner, d: _Delivery, proc: Processor[Any, Any], result: Any) -> None:
         try:
             data = _codec.encode_payload(
-                result, limit=self.app.max_payload_bytes, what=f"result of {r.queue.name}:{proc.name}"
+                result,
+                limit=self.app.max_payload_bytes,
+                what=f"result of {r.queue.name}:{proc.name}",
             )
         except PayloadError as exc:
             await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "result"), spent=True)
@@ -441,13 +507,29 @@ class Worker:
                 argv: list[Any] = [ret.completed_count, keep_age, notify_ttl]
                 for d, data, _ in part:
                     argv += [d.id, d.token, data]
-                keys = [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts,
-                        k.stalls, k.errors, k.waiters, k.stats] + [k.notify(d.id) for d, _, _ in part]  # fmt: skip
+                keys = [
+                    k.active,
+                    k.tokens,
+                    k.state,
+                    k.results,
+                    k.completed,
+                    k.jobs,
+                    k.attempts,
+                    k.stalls,
+                    k.errors,
+                    k.waiters,
+                    k.stats,
+                ] + [k.notify(d.id) for d, _, _ in part]
                 try:
-                    flags = await self._with_retries(lambda: complete(client, keys, argv))
+                    flags = await self._with_retries(lambda k=keys, a=argv: complete(client, k, a))
                 except Exception as exc:
-                    log.error("could not record %d completions on %s: %s; their leases will expire "
-                              "and the jobs run again", len(part), r.queue.name, exc)  # fmt: skip
+                    log.error(
+                        "could not record %d completions on %s: %s; their leases will expire "
+                        "and the jobs run again",
+                        len(part),
+                        r.queue.name,
+                        exc,
+                    )
                     flags = [0] * len(part)
                 for (d, _, fut), ok in zip(part, flags, strict=True):
                     if not ok:
@@ -470,8 +552,13 @@ class Worker:
 
     def _stale(self, r: _QueueRunner, d: _Delivery, what: str) -> None:
         self.stale_acks += 1
-        log.warning("%s of job %s:%s rejected: its lease expired and the job was recovered "
-                    "(it may run again elsewhere)", what, r.queue.name, d.id)  # fmt: skip
+        log.warning(
+            "%s of job %s:%s rejected: its lease expired and the job was recovered "
+            "(it may run again elsewhere)",
+            what,
+            r.queue.name,
+            d.id,
+        )
 
     async def _fail(
         self, r: _QueueRunner, d: _Delivery, info: _codec.ErrorInfo, *, spent: bool = True
@@ -479,18 +566,35 @@ class Worker:
         k = r.keys
         ret = r.queue.retention
         keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
-        keys = [k.active, k.tokens, k.state, k.errors, k.failed, k.jobs, k.attempts, k.stalls,
-                k.results, k.waiters, k.stats, k.notify(d.id)]  # fmt: skip
-        argv = [d.id, d.token, _codec.encode_error(info), int(spent), ret.failed_count, keep_age,
-                max(60_000, keep_age)]  # fmt: skip
+        keys = [
+            k.active,
+            k.tokens,
+            k.state,
+            k.errors,
+            k.failed,
+            k.jobs,
+            k.attempts,
+            k.stalls,
+            k.results,
+            k.waiters,
+            k.stats,
+            k.notify(d.id),
+        ]
+        argv = [
+            d.id,
+            d.token,
+            _codec.encode_error(info),
+            int(spent),
+            ret.failed_count,
+            keep_age,
+            max(60_000, keep_age),
+        ]
         fail = script("fail")
         ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
         if not ok:
             self._stale(r, d, "fail")
 
-    async def _retry(
-        self, r: _QueueRunner, d: _Delivery, delay: float, info: _codec.ErrorInfo
-    ) -> None:
+    async def _retry(self, r: _QueueRunner, d: _Delivery, delay: float, info: _codec.ErrorInfo) -> None:
         k = r.keys
         keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
         argv = [d.id, d.token, int(delay * 1000), _codec.encode_error(info)]
@@ -537,11 +641,15 @@ class Worker:
             elif isinstance(lost, Exception):
                 raise lost
             for raw in lost:
-                d = r.in_flight.get(raw.decode())
-                if d is not None:
-                    log.warning("lease on job %s:%s lost (expired or recovered): cancelling its "
-                                "handler; another worker may run it", r.queue.name, d.id)  # fmt: skip
-                    self._cancel(d, "lost")
+                lost_d = r.in_flight.get(raw.decode())
+                if lost_d is not None:
+                    log.warning(
+                        "lease on job %s:%s lost (expired or recovered): cancelling its "
+                        "handler; another worker may run it",
+                        r.queue.name,
+                        lost_d.id,
+                    )
+                    self._cancel(lost_d, "lost")
 
     async def _check_loop(self, r: _QueueRunner) -> None:
         interval = self.settings.check_interval
@@ -568,17 +676,41 @@ class Worker:
         )
         res = await script("recover")(
             self.app.redis(),
-            [k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls, k.checker, k.stats,
-             k.jobs, k.results, k.attempts, k.waiters],
-            [self.id, max(1, int(s.check_interval * 800)), s.max_stalls, stalled_error,
-             ret.failed_count, -1 if ret.failed_age is None else int(ret.failed_age * 1000), 1000],
-        )  # fmt: skip
+            [
+                k.active,
+                k.tokens,
+                k.state,
+                k.wait,
+                k.failed,
+                k.errors,
+                k.stalls,
+                k.checker,
+                k.stats,
+                k.jobs,
+                k.results,
+                k.attempts,
+                k.waiters,
+            ],
+            [
+                self.id,
+                max(1, int(s.check_interval * 800)),
+                s.max_stalls,
+                stalled_error,
+                ret.failed_count,
+                -1 if ret.failed_age is None else int(ret.failed_age * 1000),
+                1000,
+            ],
+        )
         if int(res[0]) < 0:
             return []
         ids = [x.decode() for x in res[2:]]
         if ids:
-            log.warning("recovered %d stalled job(s) on %s (%d failed as stalled)",
-                        int(res[0]), queue.name, int(res[1]))  # fmt: skip
+            log.warning(
+                "recovered %d stalled job(s) on %s (%d failed as stalled)",
+                int(res[0]),
+                queue.name,
+                int(res[1]),
+            )
         return ids
 
     # -- stopping ----------------------------------------------------------------------------------------
@@ -596,8 +728,7 @@ class Worker:
         if leftover:
             _, pending = await asyncio.wait(leftover, timeout=_RELEASE_GRACE)
             if pending:
-                log.warning("%d handler(s) ignored cancellation; releasing their jobs anyway",
-                            len(pending))  # fmt: skip
+                log.warning("%d handler(s) ignored cancellation; releasing their jobs anyway", len(pending))
         # Let the ackers flush what finished handlers queued.
         for r in runners:
             if r.pending_acks:
@@ -620,8 +751,12 @@ class Worker:
                 lambda: release(self.app.redis(), [k.active, k.tokens, k.state, k.wait, k.stats], argv)
             )
         except BrokerUnavailable as exc:
-            log.error("could not release %d job(s) on %s (%s): they return when their leases "
-                      "expire", len(deliveries), r.queue.name, exc)  # fmt: skip
+            log.error(
+                "could not release %d job(s) on %s (%s): they return when their leases expire",
+                len(deliveries),
+                r.queue.name,
+                exc,
+            )
             return
         log.info("released %d unfinished job(s) on %s back to waiting", sum(flags), r.queue.name)
 
@@ -645,3 +780,7 @@ async def _wait_first(*aws: Awaitable[Any]) -> None:
         exc = t.exception()
         if exc is not None:
             raise exc
+
+
+async def _as_coro(aw: Awaitable[None]) -> None:
+    await aw

@@ -80,7 +80,7 @@ class ResultTimeout(QflowError, TimeoutError):
     """``Job.result(timeout=...)`` returned before the job finished."""
 
 
-class Retry(Exception):  # noqa: N818 - a signal raised by processors, named for what it asks
+class Retry(Exception):
     """Raise from a processor to schedule another attempt after ``delay`` seconds.
 
     It spends an attempt like any error; when no attempts are left the job fails with this exception.

