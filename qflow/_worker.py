@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -521,7 +522,7 @@ class Worker:
                     k.stats,
                 ] + [k.notify(d.id) for d, _, _ in part]
                 try:
-                    flags = await self._with_retries(lambda k=keys, a=argv: complete(client, k, a))
+                    flags = await self._with_retries(functools.partial(complete, client, keys, argv))
                 except Exception as exc:
                     log.error(
                         "could not record %d completions on %s: %s; their leases will expire "
