@@ -1,0 +1,75 @@
+"""The pure lifecycle module: backoff arithmetic and the retry decision."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qflow._state import TERMINAL, TRANSITIONS, Backoff, State, decide_after_error
+
+
+def test_fixed_backoff_waits_the_same_every_time() -> None:
+    """A fixed backoff returns its delay for every attempt."""
+    b = Backoff(kind="fixed", delay=2.5)
+    assert [b.seconds(n) for n in (1, 2, 10)] == [2.5, 2.5, 2.5]
+
+
+def test_exponential_backoff_doubles_and_is_capped() -> None:
+    """An exponential backoff doubles per attempt up to max_delay."""
+    b = Backoff(kind="exponential", delay=1.0, max_delay=10.0)
+    assert [b.seconds(n) for n in (1, 2, 3, 4, 5, 100)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+@given(
+    delay=st.floats(0, 100),
+    jitter=st.floats(0, 1),
+    attempt=st.integers(1, 200),
+    seed=st.integers(0, 2**32),
+)
+def test_jitter_only_shortens_the_wait(delay: float, jitter: float, attempt: int, seed: int) -> None:
+    """Jitter draws the wait from [(1 - jitter) * base, base], never above the cap."""
+    b = Backoff(kind="exponential", delay=delay, max_delay=1000.0, jitter=jitter)
+    base = Backoff(kind="exponential", delay=delay, max_delay=1000.0).seconds(attempt)
+    got = b.seconds(attempt, random.Random(seed))
+    assert (1 - jitter) * base - 1e-9 <= got <= base + 1e-9
+
+
+@pytest.mark.parametrize("bad", [{"delay": -1}, {"max_delay": -1}, {"jitter": 1.5}, {"jitter": -0.1}])
+def test_invalid_backoff_is_refused(bad: dict[str, float]) -> None:
+    """Negative delays and jitter outside 0..1 raise ValueError at construction."""
+    with pytest.raises(ValueError, match="Backoff"):
+        Backoff(**bad)  # type: ignore[arg-type]
+
+
+def test_decision_retries_until_the_last_attempt() -> None:
+    """With 3 attempts, failures 1 and 2 retry, failure 3 is final."""
+    decisions = [
+        decide_after_error(attempts_spent=n, max_attempts=3, backoff=None, requested_delay=None)
+        for n in range(3)
+    ]
+    assert [d.retry for d in decisions] == [True, True, False]
+
+
+def test_requested_delay_wins_over_backoff() -> None:
+    """``Retry(delay=...)`` from the handler overrides the backoff policy."""
+    d = decide_after_error(attempts_spent=0, max_attempts=5, backoff=Backoff(delay=100), requested_delay=0.5)
+    assert (d.retry, d.delay) == (True, 0.5)
+
+
+def test_backoff_uses_the_attempt_number() -> None:
+    """The second failure of an exponential policy waits twice the base delay."""
+    d = decide_after_error(attempts_spent=1, max_attempts=5, backoff=Backoff(delay=3), requested_delay=None)
+    assert d.delay == 6.0
+
+
+def test_transition_table_is_closed_over_states() -> None:
+    """Every transition starts from a known state (or creation) and no transition leaves a terminal state."""
+    for src, dst, script, why in TRANSITIONS:
+        assert src is None or isinstance(src, State)
+        assert isinstance(dst, State)
+        assert script and why
+        assert src not in TERMINAL
+    assert {dst for _, dst, _, _ in TRANSITIONS} == set(State)
