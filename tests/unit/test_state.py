@@ -70,6 +70,7 @@ def test_transition_table_is_closed_over_states() -> None:
     for src, dst, script, why in TRANSITIONS:
         assert src is None or isinstance(src, State)
         assert isinstance(dst, State)
-        assert script and why
+        assert script
+        assert why
         assert src not in TERMINAL
     assert {dst for _, dst, _, _ in TRANSITIONS} == set(State)
