@@ -31,8 +31,8 @@ class App:
     """A qflow application: where the queues live and which processors they have.
 
     ``url`` is a Redis URL; without one, ``QFLOW_REDIS_URL`` then ``REDIS_URL`` are read when the first
-    connection opens. Producers (an API process) and workers import the same ``App``; only the entry point
-    differs.
+    connection opens, and with none of them the project's embedded server is used. Producers (an API
+    process) and workers import the same ``App``; only the entry point differs.
     """
 
     def __init__(
@@ -67,17 +67,28 @@ class App:
 
     @property
     def url(self) -> str:
-        """The Redis URL in use: the argument, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``."""
+        """The Redis URL in use: the argument, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``.
+
+        With none of them (and ``QFLOW_EMBEDDED`` not ``0``), the project's embedded Valkey server: started
+        on first need, detached, reached over a unix socket under ``./.qflow`` (or ``QFLOW_HOME``).
+        """
         if self._url:
             return self._url
         for var in _URL_VARS:
             value = os.environ.get(var)
             if value:
                 return value
-        raise ConfigurationError(
-            "no Redis URL: pass App(url=...) or set QFLOW_REDIS_URL (or REDIS_URL), "
-            "e.g. QFLOW_REDIS_URL=redis://127.0.0.1:6379/0"
-        )
+        from . import _embedded
+
+        if _embedded.embedded_disabled():
+            raise ConfigurationError(
+                "no Redis URL: pass App(url=...) or set QFLOW_REDIS_URL (or REDIS_URL), e.g. "
+                "QFLOW_REDIS_URL=redis://127.0.0.1:6379/0 (QFLOW_EMBEDDED=0 turned the embedded server off)"
+            )
+        server = _embedded.server_for()
+        started = _embedded.ensure_running(server)
+        _embedded.announce(server, started)
+        return server.url
 
     def queue(self, name: str, *, retention: RetentionSettings | None = None) -> Queue:
         """The queue called ``name`` (declared on first call; later calls return the same object)."""
@@ -112,12 +123,14 @@ class App:
         if client is None:
             for old_loop in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[old_loop]
+            url = self.url
+            tcp_only = {} if url.startswith("unix:") else {"socket_keepalive": True}
             client = aioredis.Redis.from_url(
-                self.url,
+                url,
                 socket_timeout=self.socket_timeout,
                 socket_connect_timeout=self.connect_timeout,
-                socket_keepalive=True,
                 health_check_interval=30,
+                **tcp_only,
                 retry=RedisRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
                 decode_responses=False,
             )

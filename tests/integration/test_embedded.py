@@ -1,0 +1,119 @@
+"""The embedded default server: started on first need, shared by every process of a project, durable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qflow
+from qflow import _embedded
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A project home with no URL configured; its embedded server is stopped afterwards."""
+    for var in ("QFLOW_REDIS_URL", "REDIS_URL", "QFLOW_EMBEDDED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("QFLOW_HOME", str(tmp_path / "qhome"))
+    yield tmp_path / "qhome"
+    _embedded.stop(_embedded.server_for(tmp_path / "qhome"))
+
+
+def _run(code: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("QFLOW_REDIS_URL", "REDIS_URL")}
+    env["QFLOW_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+ADD = """
+    import asyncio, qflow
+    app = qflow.App()
+    q = app.queue("emb")
+    async def main():
+        await q.add("x", 1, job_id="kept")
+        print(await q.counts())
+    asyncio.run(main())
+"""
+
+
+def test_no_url_starts_one_detached_server_and_later_processes_attach(home: Path) -> None:
+    """The first process starts the server (and says so on stderr); the next attaches to the same one."""
+    first = _run(ADD, home)
+    assert first.returncode == 0, first.stderr
+    assert "started the embedded Valkey server" in first.stderr
+    assert "QFLOW_REDIS_URL" in first.stderr
+    server = _embedded.server_for(home)
+    pid = server.pid()
+    assert pid is not None  # it outlived the process that started it
+    second = _run(ADD, home)
+    assert second.returncode == 0, second.stderr
+    assert "using the embedded Valkey server" in second.stderr
+    assert "'waiting': 1" in second.stdout  # same server: the idempotent job is still the only one
+    assert server.pid() == pid
+
+
+def test_processes_starting_at_the_same_instant_share_one_server(home: Path) -> None:
+    """Four processes racing to start the server end up on a single server."""
+    code = "from qflow import _embedded as e; s = e.server_for(); e.ensure_running(s); print(s.pid())"
+    env = {**os.environ, "QFLOW_HOME": str(home)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    pids = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(pids) == 1
+    assert pids == {str(_embedded.server_for(home).pid())}
+
+
+def test_jobs_survive_a_server_stop_and_restart(home: Path) -> None:
+    """A job added before ``stop`` is still there when the next process starts the server again (AOF)."""
+    assert _run(ADD, home).returncode == 0
+    server = _embedded.server_for(home)
+    assert _embedded.stop(server) is True
+    assert server.pid() is None
+    count = _run(
+        """
+        import asyncio, qflow
+        app = qflow.App()
+        async def main():
+            print((await app.queue("emb").counts())["waiting"])
+        asyncio.run(main())
+        """,
+        home,
+    )
+    assert count.returncode == 0, count.stderr
+    assert count.stdout.strip() == "1"
+    assert "started the embedded Valkey server" in count.stderr
+
+
+def test_stale_socket_and_pid_file_are_cleaned_up(home: Path) -> None:
+    """Leftover socket and pid files from a crash do not stop the next start."""
+    server = _embedded.server_for(home)
+    home.mkdir(parents=True)
+    server.pidfile.write_text("999999\n")
+    server.socket.write_text("not a socket")
+    assert _embedded.ensure_running(server) is True
+    assert server.answers()
+
+
+def test_embedded_off_and_no_url_is_a_clear_configuration_error(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With QFLOW_EMBEDDED=0 and no URL, asking for the URL names the variables to set."""
+    monkeypatch.setenv("QFLOW_EMBEDDED", "0")
+    with pytest.raises(qflow.ConfigurationError, match="QFLOW_REDIS_URL"):
+        _ = qflow.App().url
+    assert not _embedded.server_for(home).home.exists()
