@@ -77,7 +77,7 @@ class _Slots:
 class _Delivery:
     """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
 
-    __slots__ = ("attempts", "cancel_reason", "envelope", "id", "stalls", "task", "token")
+    __slots__ = ("attempts", "cancel_reason", "envelope", "finishing", "id", "stalls", "task", "token")
 
     def __init__(self, id: str, token: bytes, envelope: bytes, attempts: int, stalls: int) -> None:
         self.id = id
@@ -87,6 +87,7 @@ class _Delivery:
         self.stalls = stalls
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
+        self.finishing = False  # an ack (complete/fail/retry) is on its way: a renewal may race with it
 
 
 class _QueueRunner:
@@ -464,6 +465,7 @@ class Worker:
             await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "result"), spent=True)
             return
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        d.finishing = True
         r.pending_acks.append((d, data, fut))
         r.ack_event.set()
         if await fut:
@@ -591,6 +593,7 @@ class Worker:
             max(60_000, keep_age),
         ]
         fail = script("fail")
+        d.finishing = True
         ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
         if not ok:
             self._stale(r, d, "fail")
@@ -600,6 +603,7 @@ class Worker:
         keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
         argv = [d.id, d.token, int(delay * 1000), _codec.encode_error(info)]
         retry = script("retry")
+        d.finishing = True
         ok = await self._with_retries(lambda: retry(self.app.redis(), keys, argv))
         if not ok:
             self._stale(r, d, "retry")
@@ -641,16 +645,21 @@ class Worker:
                 lost = await renew(client, keys, argv)
             elif isinstance(lost, Exception):
                 raise lost
+            cancelled = []
             for raw in lost:
                 lost_d = r.in_flight.get(raw.decode())
-                if lost_d is not None:
-                    log.warning(
-                        "lease on job %s:%s lost (expired or recovered): cancelling its "
-                        "handler; another worker may run it",
-                        r.queue.name,
-                        lost_d.id,
-                    )
+                # A delivery whose ack is on its way lost its token to that ack, not to another worker.
+                if lost_d is not None and not lost_d.finishing:
+                    cancelled.append(lost_d.id)
                     self._cancel(lost_d, "lost")
+            if cancelled:
+                log.warning(
+                    "lease on %d job(s) of %s lost (expired or recovered; another worker may run them): "
+                    "cancelled their handlers: %s",
+                    len(cancelled),
+                    r.queue.name,
+                    ", ".join(cancelled[:10]),
+                )
 
     async def _check_loop(self, r: _QueueRunner) -> None:
         interval = self.settings.check_interval
