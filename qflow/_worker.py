@@ -35,6 +35,7 @@ from redis import exceptions as rexc
 from . import _codec
 from ._queue import Job, Queue
 from ._scripts import command, script
+from ._servercheck import check_server
 from ._settings import WorkerSettings
 from ._state import decide_after_error
 from .exceptions import BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
@@ -165,6 +166,8 @@ class Worker:
         self.stale_acks = 0
         self.ready = asyncio.Event()
         """Set once the worker is fetching."""
+        self.server_warnings: list[str] = []
+        """Settings of the server that weaken a guarantee (AOF off, an evicting policy), found at start."""
         self._stop: asyncio.Event | None = None
         self._fast = False
         self._runners: list[_QueueRunner] = []
@@ -202,6 +205,7 @@ class Worker:
         """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
         self._stop = asyncio.Event()
         self._runners = [_QueueRunner(q, self._concurrency) for q in self.queues]
+        self.server_warnings = await check_server(self.app.redis())
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

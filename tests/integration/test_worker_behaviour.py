@@ -425,3 +425,26 @@ async def test_completed_jobs_are_trimmed_by_age(app: qflow.App) -> None:
     assert await app.redis().zcard(q.keys.completed) == 0
     assert await app.redis().hlen(q.keys.jobs) == 0
     assert (await q.stats())["completed"] == 3
+
+
+async def test_worker_warns_when_the_server_breaks_the_durability_promise(
+    app: qflow.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start a worker warns about AOF off or an evicting maxmemory-policy, naming the setting to change."""
+    q = app.queue("warn")
+
+    @q.processor
+    async def noop(job: qflow.Job[None]) -> None:
+        return None
+
+    info = await app.redis().info()
+    worker = qflow.Worker(app, burst=True, settings=FAST)
+    with caplog.at_level("WARNING", logger="qflow"):
+        await worker.run()
+    expected_aof = str(info.get("aof_enabled")) != "1"
+    expected_policy = info.get("maxmemory_policy") != "noeviction"
+    assert any("appendonly yes" in w for w in worker.server_warnings) == expected_aof
+    assert any("noeviction" in w for w in worker.server_warnings) == expected_policy
+    assert len(worker.server_warnings) == expected_aof + expected_policy
+    for text in worker.server_warnings:
+        assert text in caplog.text
