@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 
 from ._keys import check_queue_name
 from ._settings import RetentionSettings, WorkerSettings
@@ -131,7 +131,9 @@ class App:
                 socket_connect_timeout=self.connect_timeout,
                 health_check_interval=30,
                 **tcp_only,
-                retry=RedisRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+                # No retries inside redis-py: they nest (pool, connection, command) and multiply the socket
+                # timeout ~9x for a silent server. qflow retries where it is safe and bounded instead.
+                retry=RedisRetry(NoBackoff(), retries=0),
                 decode_responses=False,
             )
             self._clients[loop] = client

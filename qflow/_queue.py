@@ -112,7 +112,7 @@ class Job(Generic[T]):
                     if data is not None
                     else _codec.ErrorInfo(type="Unknown", message="no error recorded")
                 )
-                raise JobFailed(self.id, info.type, info.message, info.traceback)
+                raise JobFailed(self.id, info.type, info.message, info.traceback, kind=info.kind)
             wait = chunk
             if deadline is not None:
                 remaining = deadline - loop.time()
@@ -230,17 +230,19 @@ class Queue:
             raise ConfigurationError(f"job_id must be a non-empty str of <= 256 chars, got {job_id!r}")
         if spec.attempts is not None and (not isinstance(spec.attempts, int) or spec.attempts < 1):
             raise ConfigurationError(f"attempts must be an int >= 1, got {spec.attempts!r}")
-        if spec.timeout is not None and spec.timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {spec.timeout!r}")
+        if spec.timeout is not None and (not _is_number(spec.timeout) or spec.timeout <= 0):
+            raise ConfigurationError(f"timeout must be a number > 0 (seconds), got {spec.timeout!r}")
         if spec.delay is not None and spec.run_at is not None:
             raise ConfigurationError("give delay= or run_at=, not both")
         delay_ms = 0
         if spec.delay is not None:
-            if spec.delay < 0:
-                raise ConfigurationError(f"delay must be >= 0 seconds, got {spec.delay!r}")
+            if not _is_number(spec.delay) or spec.delay < 0:
+                raise ConfigurationError(f"delay must be a number >= 0 (seconds), got {spec.delay!r}")
             delay_ms = int(spec.delay * 1000)
         run_at_ms = 0
         if spec.run_at is not None:
+            if not isinstance(spec.run_at, datetime):
+                raise ConfigurationError(f"run_at must be a datetime, got {spec.run_at!r}")
             if spec.run_at.tzinfo is None:
                 raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
             run_at_ms = int(spec.run_at.timestamp() * 1000)
@@ -293,11 +295,15 @@ class Queue:
 
     async def _run_add(self, jobs: list[Job[Any]], argv: list[bytes | str | int]) -> None:
         k = self.keys
-        await script("add")(
-            self.app.redis(),
-            [k.jobs, k.state, k.wait, k.delayed, k.meta],
-            [SCHEMA_VERSION, *argv],
-        )
+        keys = [k.jobs, k.state, k.wait, k.delayed, k.meta]
+        try:
+            await script("add")(self.app.redis(), keys, [SCHEMA_VERSION, *argv])
+        except BrokerUnavailable as exc:
+            if isinstance(exc.__cause__, rexc.TimeoutError):
+                raise  # a silent server: do not double the wait
+            # One retry for a connection that died under us (e.g. a server restart). Safe: the ids were
+            # made before the first try, so a write that did land is recognised and not repeated.
+            await script("add")(self.app.redis(), keys, [SCHEMA_VERSION, *argv])
 
     def job(self, job_id: str) -> Job[Any]:
         """A handle on an existing job by id (no I/O; ``status()`` tells whether it exists)."""
@@ -343,3 +349,7 @@ class _Decorator:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

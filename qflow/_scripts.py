@@ -7,6 +7,7 @@ that file's text when the script is loaded, so shared helpers are written once.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -59,7 +60,7 @@ class Script:
         self.source = load_source(name)
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: aioredis.Redis, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         """Run the script; map connection failures to ``BrokerUnavailable``."""
         try:
             try:

@@ -66,11 +66,15 @@ class JobNotFound(QflowError, LookupError):
 
 
 class JobFailed(QflowError):
-    """The job ended in the ``failed`` state; ``error_type``, ``message`` and ``traceback`` say why."""
+    """The job ended in the ``failed`` state; ``kind``, ``error_type``, ``message``, ``traceback`` say why."""
 
-    def __init__(self, job_id: str, error_type: str, message: str, traceback: str) -> None:
+    def __init__(
+        self, job_id: str, error_type: str, message: str, traceback: str, *, kind: str = "error"
+    ) -> None:
         super().__init__(f"job {job_id} failed: {error_type}: {message}")
         self.job_id = job_id
+        self.kind = kind
+        """Why, in one word: error, timeout, stalled, payload, unknown_name or result."""
         self.error_type = error_type
         self.message = message
         self.traceback = traceback
