@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -137,6 +138,9 @@ class Queue:
         self.retention = retention
         self.keys = QueueKeys(app.prefix, name)
         self.processors: dict[str, Processor[Any, Any]] = {}
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AddBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"<qflow.Queue {self.name!r} processors={sorted(self.processors)}>"
@@ -277,7 +281,11 @@ class Queue:
         Invalid input raises before anything is written.
         """
         job, argv = self._prepare(JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff))
-        await self._run_add([job], argv)
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _AddBatcher(self)
+        await batcher.submit(argv)
         return job
 
     async def add_bulk(self, jobs: Iterable[JobSpec]) -> list[Job[Any]]:
@@ -290,10 +298,10 @@ class Queue:
         for start in range(0, len(prepared), _ADD_CHUNK):
             chunk = prepared[start : start + _ADD_CHUNK]
             argv = [part for _, args in chunk for part in args]
-            await self._run_add([job for job, _ in chunk], argv)
+            await self._run_add(argv)
         return handles
 
-    async def _run_add(self, jobs: list[Job[Any]], argv: list[bytes | str | int]) -> None:
+    async def _run_add(self, argv: list[bytes | str | int]) -> None:
         k = self.keys
         keys = [k.jobs, k.state, k.wait, k.delayed, k.meta]
         try:
@@ -329,6 +337,62 @@ class Queue:
         """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""
         raw = await self.app.redis().hgetall(self.keys.stats)
         return {_text(key): int(value) for key, value in raw.items()}
+
+
+class _AddBatcher:
+    """Coalesces concurrent ``add`` calls of one queue into one script call (issue #6).
+
+    A lone ``add`` goes out at once: one round trip, no added latency. Adds that arrive while a call is in
+    flight wait for it and then go out together, up to ``_ADD_CHUNK`` jobs per call, so a producer with many
+    coroutines adding at once needs far fewer round trips than jobs. Every job was validated and given its
+    id before it queued here, so one call's failure cannot be caused by another caller's input; if the call
+    fails, every add in it raises, and retrying is safe (same ids, idempotent).
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.busy = False
+        self.waiting: list[tuple[list[bytes | str | int], asyncio.Future[None]]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, argv: list[bytes | str | int]) -> None:
+        if self.busy:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiting.append((argv, fut))
+            await fut
+            return
+        self.busy = True
+        try:
+            await self.queue._run_add(argv)
+        finally:
+            if self.waiting:
+                # Keep a reference: the event loop holds tasks only weakly.
+                self.flusher = asyncio.get_running_loop().create_task(self._flush())
+            else:
+                self.busy = False
+
+    async def _flush(self) -> None:
+        batch: list[tuple[list[bytes | str | int], asyncio.Future[None]]] = []
+        try:
+            while self.waiting:
+                batch = self.waiting[:_ADD_CHUNK]
+                del self.waiting[:_ADD_CHUNK]
+                try:
+                    await self.queue._run_add([part for argv, _ in batch for part in argv])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            for _, fut in batch + self.waiting:  # only left unresolved if this task itself was cancelled
+                if not fut.done():
+                    fut.set_exception(BrokerUnavailable("add was interrupted before it was sent"))
+            self.waiting.clear()
+            self.busy = False
 
 
 class _Decorator:

@@ -113,3 +113,39 @@ async def test_result_of_unknown_job_raises_not_found(app: qflow.App) -> None:
     with pytest.raises(qflow.JobNotFound):
         await q.job("nope").result(timeout=1)
     assert await q.job("nope").status() is None
+
+
+async def test_concurrent_adds_are_coalesced_into_few_script_calls(
+    app: qflow.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 coroutines adding at once need far fewer than 200 add-script calls, and every job exists."""
+    q = app.queue("burst")
+    calls: list[int] = []
+    real = q._run_add
+
+    async def counting(argv: list[bytes | str | int]) -> None:
+        calls.append(len(argv) // 4)
+        await real(argv)
+
+    monkeypatch.setattr(q, "_run_add", counting)
+    jobs = await asyncio.gather(*(q.add("x", i) for i in range(200)))
+    assert sum(calls) == 200
+    assert len(calls) < 20
+    assert await app.redis().llen(q.keys.wait) == 200
+    assert {j.id for j in jobs} == {i.decode() for i in await app.redis().lrange(q.keys.wait, 0, -1)}
+
+
+async def test_a_lone_add_is_one_script_call(app: qflow.App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential adds each go out at once, one script call per add."""
+    q = app.queue("single")
+    calls: list[int] = []
+    real = q._run_add
+
+    async def counting(argv: list[bytes | str | int]) -> None:
+        calls.append(len(argv) // 4)
+        await real(argv)
+
+    monkeypatch.setattr(q, "_run_add", counting)
+    for i in range(5):
+        await q.add("x", i)
+    assert calls == [1, 1, 1, 1, 1]
