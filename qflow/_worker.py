@@ -23,8 +23,9 @@ import os
 import random
 import signal
 import socket
+import struct
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -317,9 +318,8 @@ class Worker:
                 continue
             next_due_ms, waiting = int(res[0]), int(res[1])
             got = 0
-            for i in range(2, len(res), 5):
-                d = _Delivery(res[i], res[i + 1], res[i + 2], int(res[i + 3]), int(res[i + 4]), k)
-                self._start(r, d)
+            for raw_id, token, envelope, attempts, stalls in _unpack_claimed(res[2]):
+                self._start(r, _Delivery(raw_id, token, envelope, attempts, stalls, k))
                 got += 1
             if got < n:
                 r.slots.give(n - got)
@@ -548,8 +548,9 @@ class Worker:
                         r.queue.name,
                         exc,
                     )
-                    flags = [0] * len(part)
-                for (d, _, fut), ok in zip(part, flags, strict=True):
+                    flags = b"0" * len(part)
+                for (d, _, fut), flag in zip(part, flags, strict=True):
+                    ok = flag == 49  # ord("1")
                     if not ok:
                         self._stale(r, d, "complete")
                     if not fut.done():
@@ -789,6 +790,27 @@ class Worker:
             )
             return
         log.info("released %d unfinished job(s) on %s back to waiting", sum(flags), r.queue.name)
+
+
+_CLAIM_HEAD = struct.Struct(">IIIII")
+
+
+def _unpack_claimed(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int, int]]:
+    """Split claim.lua's packed reply into (id, token, envelope, attempts spent, stalls) per job."""
+    head = _CLAIM_HEAD
+    size = head.size
+    pos = 0
+    end = len(packed)
+    while pos < end:
+        id_len, token_len, env_len, attempts, stalls = head.unpack_from(packed, pos)
+        pos += size
+        raw_id = packed[pos : pos + id_len]
+        pos += id_len
+        token = packed[pos : pos + token_len]
+        pos += token_len
+        envelope = packed[pos : pos + env_len]
+        pos += env_len
+        yield raw_id, token, envelope, attempts, stalls
 
 
 class _HandlerTimeout(Exception):

@@ -5,7 +5,8 @@
 -- KEYS[12..] the notify list of each job, in ARGV order
 -- ARGV[1] keep count   ARGV[2] keep age ms (-1: no age limit)   ARGV[3] notify ttl ms
 -- ARGV[4..] groups of 3: id, token, encoded result
--- Returns: one integer per job, 1 = completed, 0 = stale delivery (rejected, counted in stats.stale_acks).
+-- Returns: one string with a byte per job, '1' = completed, '0' = stale delivery (rejected, counted in
+-- stats.stale_acks). One reply element per batch keeps the client's parsing off the hot path.
 --!include _lib.lua
 
 local now = now_ms()
@@ -25,10 +26,10 @@ for i = 4, #ARGV, 3 do
       redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
     end
     done = done + 1
-    out[#out + 1] = 1
+    out[#out + 1] = '1'
   else
     stale = stale + 1
-    out[#out + 1] = 0
+    out[#out + 1] = '0'
   end
 end
 if done > 0 then
@@ -37,4 +38,4 @@ if done > 0 then
        {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, 100)
 end
 if stale > 0 then redis.call('HINCRBY', KEYS[11], 'stale_acks', stale) end
-return out
+return table.concat(out)

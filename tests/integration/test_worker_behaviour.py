@@ -12,6 +12,7 @@ import pytest
 
 import qflow
 from qflow._scripts import script
+from qflow._worker import _unpack_claimed
 from qflow.testing import FAST, drain
 
 
@@ -49,7 +50,7 @@ async def claim_as_dead_worker(q: qflow.Queue, lease_ms: int) -> list[bytes]:
         [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
         [10, lease_ms, 100],
     )
-    return [res[i] for i in range(2, len(res), 5)]
+    return [raw_id for raw_id, *_ in _unpack_claimed(res[2])]
 
 
 async def test_failed_attempts_are_retried_until_success(app: qflow.App) -> None:
@@ -314,14 +315,14 @@ async def test_ack_from_an_expired_lease_is_rejected_and_counted(app: qflow.App)
         [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
         [1, 0, 100],
     )
-    token = claim[3]
+    ((_, token, *_),) = _unpack_claimed(claim[2])
     flags = await script("complete")(
         app.redis(),
         [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
          k.waiters, k.stats, k.notify(job.id)],
         [100, -1, 60000, job.id, token, b"\xc0"],
     )  # fmt: skip
-    assert flags == [0]
+    assert flags == b"0"
     assert await job.status() == qflow.State.ACTIVE
     assert (await q.stats())["stale_acks"] == 1
 
