@@ -149,3 +149,27 @@ class QueueKeys:
             self.checker,
             self.meta,
         )
+
+
+# -- Fleet registry (issue #3) ---------------------------------------------------------------------------
+# Fleet-wide keys, not per queue: worker processes register themselves here with a heartbeat so that
+# `qflow status` can list every live worker on every host. No Lua script touches them (plain commands in one
+# MULTI), so they do not follow the per-queue hash tag; they share their own tag, `{#fleet}`, which no queue
+# name can spell ('#' is not allowed in queue names): fleet keys never collide with a queue's keys, and a
+# MULTI over the registry and one worker's hash stays in one Cluster slot.
+
+
+@dataclass(frozen=True, slots=True)
+class FleetKeys:
+    """Names of the fleet registry's keys (worker heartbeats)."""
+
+    prefix: str
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> last heartbeat (ms, server clock); stale members are pruned by readers."""
+        return f"{self.prefix}:{{#fleet}}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash describing one worker process (host, pid, queues, counters); expires unless renewed."""
+        return f"{self.prefix}:{{#fleet}}:worker:{worker_id}"

@@ -29,6 +29,7 @@ SCRIPT_NAMES = (
     "renew",
     "recover",
     "watch",
+    "retry_failed",
 )
 
 

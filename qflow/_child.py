@@ -1,0 +1,476 @@
+"""One worker process of ``qflow worker``: a fresh interpreter that imports ``module:app`` itself.
+
+The supervisor starts it as ``python -m qflow._child '<json config>'`` (never a fork of a process holding
+an event loop or a Redis connection). The child:
+
+- imports the target; a bad one exits with ``ExitCode.BAD_TARGET`` (``CONFIG`` when the app cannot run as
+  asked), which tells the supervisor a restart would not help;
+- runs a ``Worker`` with companions: a liveness beat on a pipe to the supervisor (written *from the event
+  loop*, so a blocked loop goes silent and gets killed), the fleet heartbeat in Redis, a memory guard, and a
+  watchdog thread that names the ``async`` processor blocking the loop;
+- stops on SIGTERM by draining (always: a second SIGTERM from a process manager that signals the whole group
+  must not turn into a fast stop), and on SIGQUIT at once, releasing unfinished jobs. SIGINT is ignored: the
+  terminal's Ctrl-C reaches the whole process group, and the supervisor decides what it means;
+- never outlives its supervisor: ``PR_SET_PDEATHSIG`` (Linux) sends it SIGQUIT when the supervisor dies, and
+  a thread watching stdin (a pipe only the supervisor holds) sees EOF on any platform.
+
+The same code runs ``qflow worker --in-process`` (no supervisor, ``supervised=False``): there SIGTERM/SIGINT
+drain and a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
+
+import msgspec
+
+from ._exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+__all__ = ("ChildConfig", "exit_process", "main", "rss_bytes", "run_child")
+
+log = logging.getLogger("qflow.worker")
+
+BEAT_INTERVAL = 0.5
+"""Seconds between two liveness beats on the supervisor pipe."""
+GIL_SWITCH_INTERVAL = 0.001
+"""Seconds a thread may hold the GIL while another waits (Python's default is 0.005)."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class ChildConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What one worker process runs, passed by the supervisor as JSON (never pickle)."""
+
+    target: str
+    name: str = "worker"
+    queues: list[str] | None = None
+    concurrency: int | None = None
+    burst: bool = False
+    drain_timeout: float | None = None
+    max_jobs: int | None = None
+    max_memory_mb: float | None = None
+    log_level: str = "INFO"
+    log_config: bool = True
+    supervised: bool = True
+    heartbeat_fd: int = -1
+    """Write end of the liveness pipe to the supervisor (-1: none)."""
+    supervisor_pid: int = 0
+    block_warning: float = 0.1
+    """Seconds an ``async`` processor may hold the event loop before a warning names it."""
+    fleet_interval: float = 2.0
+
+
+class _Control:
+    """Stop requests, from signal handlers or the parent-death watch; applied to the worker on its loop."""
+
+    def __init__(self, cfg: ChildConfig) -> None:
+        self.cfg = cfg
+        self.stop_requested = False
+        self.fast = False
+        self.worker: Worker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def request(self, fast: bool, why: str) -> None:
+        """Ask for a stop (``fast``: release unfinished jobs now). Runs on the loop thread, or before it."""
+        if self.fast or (self.stop_requested and not fast):
+            return
+        self.stop_requested = True
+        self.fast = self.fast or fast
+        if fast:
+            log.warning("%s: stopping now, releasing unfinished jobs", why)
+        else:
+            drain = self.worker.settings.drain_timeout if self.worker else 0.0
+            log.info("%s: draining (up to %.0fs)", why, drain)
+        if self.worker is not None:
+            self.worker.stop(fast=fast)
+
+    def on_signal(self, signum: int) -> None:
+        """What a signal means in this process (see the module docstring)."""
+        sig = signal.Signals(signum)
+        if sig == signal.SIGQUIT:
+            orphaned = self.cfg.supervisor_pid and os.getppid() != self.cfg.supervisor_pid
+            self.request(True, "supervisor gone (SIGQUIT)" if orphaned else sig.name)
+        elif self.cfg.supervised:
+            self.request(False, sig.name)
+        else:
+            self.request(self.stop_requested, f"second {sig.name}" if self.stop_requested else sig.name)
+
+    def parent_gone(self) -> None:
+        """Called from the stdin-watch thread when the supervisor's end of the pipe closes."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.request, True, "supervisor gone")
+        else:
+            self.stop_requested = self.fast = True
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of ``python -m qflow._child '<json ChildConfig>'``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m qflow._child '<json config>' (started by `qflow worker`)\n")
+        sys.exit(ExitCode.USAGE)
+    try:
+        cfg = msgspec.json.decode(args[0], type=ChildConfig)
+    except msgspec.DecodeError as exc:
+        sys.stderr.write(f"qflow._child: bad config: {exc}\n")
+        sys.exit(ExitCode.USAGE)
+    exit_process(run_child(cfg))
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with ``code`` without waiting for abandoned handler threads.
+
+    A sync handler abandoned at its timeout or at a fast stop still runs in its (non-daemon) thread; its job
+    is already released or recorded, so the process must not wait for it at interpreter exit.
+    """
+    logging.shutdown()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run_child(cfg: ChildConfig) -> ExitCode:
+    """Run one worker process to completion and say how it ended."""
+    from ._cli import configure_logging
+
+    ctl = _Control(cfg)
+    _install_signals(ctl)
+    if cfg.log_config:
+        configure_logging(cfg.log_level, cfg.name)
+    if cfg.supervised:
+        _watch_parent(ctl)
+    if ctl.stop_requested:
+        return ExitCode.OK
+
+    from ._importer import BadTarget, load_app
+    from ._worker import Worker
+    from .exceptions import BrokerUnavailable, ConfigurationError
+
+    try:
+        app = load_app(cfg.target)
+    except BadTarget as exc:
+        log.error("%s", exc)
+        if exc.details:
+            log.error("%s", exc.details.rstrip())
+        return ExitCode.BAD_TARGET
+    try:
+        _ = app.url  # no Redis URL is a configuration error, better found now than by the first claim
+        settings = app.worker_settings
+        if cfg.drain_timeout is not None:
+            settings = msgspec.structs.replace(settings, drain_timeout=cfg.drain_timeout)
+        worker = Worker(
+            app,
+            cfg.queues,
+            concurrency=cfg.concurrency,
+            burst=cfg.burst,
+            settings=settings,
+            max_jobs=_jittered(cfg.max_jobs),
+            companions=_companions(cfg, ctl),
+        )
+    except (ConfigurationError, ValueError) as exc:
+        log.error("cannot run %s: %s", cfg.target, exc)
+        return ExitCode.CONFIG
+    ctl.worker = worker
+    # Sync processors run in threads that hold the GIL; the event loop (lease renewal, acks) must get it back
+    # quickly. At the default 5 ms switch interval, 8 CPU-bound handlers on a loaded 2-core box starved
+    # renewal past a 1 s lease in half the runs; at 1 ms, in none (issue #3 notes).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    _beat(cfg, b"b")  # booted: the target imports; the supervisor may start the other children now
+    try:
+        asyncio.run(_run(worker, ctl))
+    except BrokerUnavailable as exc:
+        log.error("cannot reach Redis: %s", exc)
+        return ExitCode.UNAVAILABLE
+    except ConfigurationError as exc:
+        log.error("cannot run %s: %s", cfg.target, exc)
+        return ExitCode.CONFIG
+    except Exception:
+        log.exception("worker crashed")
+        return ExitCode.ERROR
+    finally:
+        _install_signals(ctl)  # the loop's handlers are gone with it; keep stop requests harmless
+    if ctl.stop_requested or cfg.burst or not worker.stopping:
+        return ExitCode.OK
+    return ExitCode.RECYCLE
+
+
+async def _run(worker: Worker, ctl: _Control) -> None:
+    loop = asyncio.get_running_loop()
+    ctl.loop = loop
+    sigs = [signal.SIGTERM, signal.SIGQUIT] + ([] if ctl.cfg.supervised else [signal.SIGINT])
+    for sig in sigs:
+        loop.add_signal_handler(sig, ctl.on_signal, sig)
+    try:
+        await worker.run()
+    finally:
+        ctl.loop = None
+        await worker.app.close()
+
+
+def _companions(cfg: ChildConfig, ctl: _Control) -> list[Callable[[Worker], Awaitable[None]]]:
+    from ._fleet import heartbeat
+
+    out: list[Callable[[Worker], Awaitable[None]]] = [
+        _apply_early_stop(ctl),
+        heartbeat(
+            target=cfg.target,
+            name=cfg.name,
+            supervisor_pid=cfg.supervisor_pid,
+            concurrency=cfg.concurrency,
+            interval=cfg.fleet_interval,
+        ),
+    ]
+    if cfg.heartbeat_fd >= 0:
+        out.append(_supervisor_link(cfg, ctl))
+    if cfg.max_memory_mb:
+        out.append(_memory_guard(cfg.max_memory_mb))
+    if cfg.block_warning > 0:
+        out.append(_loop_watchdog(cfg.block_warning))
+    return out
+
+
+def _apply_early_stop(ctl: _Control) -> Callable[[Worker], Awaitable[None]]:
+    """A stop requested before ``Worker.run`` created its stop event is applied once it runs."""
+
+    async def run(worker: Worker) -> None:
+        if ctl.stop_requested:
+            worker.stop(fast=ctl.fast)
+
+    return run
+
+
+# -- liveness pipe to the supervisor ---------------------------------------------------------------------
+
+
+def _beat(cfg: ChildConfig, byte: bytes) -> bool:
+    """Write one byte to the supervisor; False if it is gone (the pipe's read end closed)."""
+    if cfg.heartbeat_fd < 0:
+        return True
+    try:
+        os.write(cfg.heartbeat_fd, byte)
+    except BlockingIOError:
+        pass  # the supervisor is behind on reading; it will see the next one
+    except OSError:
+        return False
+    return True
+
+
+def _supervisor_link(cfg: ChildConfig, ctl: _Control) -> Callable[[Worker], Awaitable[None]]:
+    """Beat on the pipe from the event loop: ``r`` once fetching, ``.`` every BEAT_INTERVAL, ``x`` when
+    the worker stops by itself (max jobs or memory) so the supervisor starts the replacement right away."""
+
+    async def run(worker: Worker) -> None:
+        os.set_blocking(cfg.heartbeat_fd, False)
+        await worker.ready.wait()
+        byte = b"r"
+        told_recycle = False
+        while True:
+            if worker.stopping and not ctl.stop_requested and not told_recycle and not cfg.burst:
+                byte, told_recycle = b"x", True
+            if not _beat(cfg, byte):
+                ctl.request(True, "supervisor gone")
+                return
+            byte = b"."
+            await asyncio.sleep(BEAT_INTERVAL)
+
+    return run
+
+
+def _watch_parent(ctl: _Control) -> None:
+    """Stop when the supervisor dies: PR_SET_PDEATHSIG on Linux, and EOF on stdin everywhere."""
+    cfg = ctl.cfg
+    if sys.platform.startswith("linux"):
+        libc_name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGQUIT), 0, 0, 0)
+        except (OSError, AttributeError) as exc:
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+    if cfg.supervisor_pid and os.getppid() != cfg.supervisor_pid:
+        # The supervisor died before prctl could take effect.
+        ctl.stop_requested = ctl.fast = True
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        ctl.parent_gone()
+        # Backstop: if the loop is blocked and cannot stop, leave anyway; the jobs come back by lease.
+        time.sleep(5.0)
+        log.error("supervisor gone and the worker did not stop within 5s: exiting now")
+        logging.shutdown()
+        os._exit(ExitCode.ERROR)
+
+    threading.Thread(target=watch, name="qflow-parent-watch", daemon=True).start()
+
+
+def _install_signals(ctl: _Control) -> None:
+    """Signal dispositions outside the event loop: record stop requests; ignore what the supervisor owns."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        ctl.on_signal(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGQUIT, handler)
+    if ctl.cfg.supervised:
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        # The supervisor blocks signals while it spawns us, and the mask survives exec: unblock them now
+        # that the handlers are in place (a stop sent during our boot is delivered here, not lost).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD})
+    else:
+        signal.signal(signal.SIGINT, handler)
+
+
+# -- recycling -------------------------------------------------------------------------------------------
+
+
+def _jittered(max_jobs: int | None) -> int | None:
+    """``max_jobs`` plus up to 10% (at least 0..1), so children started together do not recycle together."""
+    if max_jobs is None:
+        return None
+    return max_jobs + random.randint(0, max(1, max_jobs // 10))
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process in bytes (``/proc/self/statm``; peak RSS where there is no /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _memory_guard(limit_mb: float) -> Callable[[Worker], Awaitable[None]]:
+    """Drain and exit (to be replaced) once RSS passes ``limit_mb``; checked every second."""
+
+    async def run(worker: Worker) -> None:
+        limit = limit_mb * 1024 * 1024
+        await asyncio.sleep(random.uniform(0.0, 1.0))  # jitter: children do not all check at once
+        while not worker.stopping:
+            rss = rss_bytes()
+            if rss > limit:
+                log.warning(
+                    "memory %.0f MB is over --max-memory-per-child %.0f MB: draining to be replaced",
+                    rss / 2**20,
+                    limit_mb,
+                )
+                worker.stop()
+                return
+            await asyncio.sleep(1.0)
+
+    return run
+
+
+# -- loop watchdog -----------------------------------------------------------------------------------------
+
+
+def _loop_watchdog(threshold: float) -> Callable[[Worker], Awaitable[None]]:
+    """Warn, naming the processor, when one task holds the event loop longer than ``threshold`` seconds."""
+
+    async def run(worker: Worker) -> None:
+        dog = _Watchdog(asyncio.get_running_loop(), worker, threshold)
+        dog.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            dog.halt()
+
+    return run
+
+
+class _Watchdog(threading.Thread):
+    """A thread that probes the loop: while a probe stays unanswered, a task that stays current for
+    ``threshold`` seconds is blocking the loop. Warns at once (the loop may never recover: the supervisor
+    then kills it), at most once a minute per culprit."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: Worker, threshold: float) -> None:
+        super().__init__(name="qflow-loop-watchdog", daemon=True)
+        self.loop = loop
+        self.worker = worker
+        self.threshold = threshold
+        self._halt = threading.Event()
+        self._answered = threading.Event()
+        self._last_warned: dict[str, float] = {}
+
+    def halt(self) -> None:
+        """Stop the thread (it exits within one probe period)."""
+        self._halt.set()
+
+    def run(self) -> None:
+        """Probe the loop; while a probe is unanswered, watch which task is current."""
+        period = max(0.005, self.threshold / 4)
+        while not self._halt.is_set():
+            self._answered.clear()
+            try:
+                self.loop.call_soon_threadsafe(self._answered.set)
+            except RuntimeError:
+                return  # the loop closed
+            suspect = asyncio.current_task(self.loop)
+            since = time.monotonic()
+            reported = False
+            while not self._answered.wait(period):
+                if self._halt.is_set():
+                    return
+                current = asyncio.current_task(self.loop)
+                now = time.monotonic()
+                if current is not suspect:
+                    suspect, since = current, now
+                elif current is not None and not reported and now - since >= self.threshold:
+                    self._report(current, now - since)
+                    reported = True
+            self._halt.wait(period)
+
+    def _report(self, task: asyncio.Task[object], seconds: float) -> None:
+        try:
+            processor = self.worker.processor_of_task(task)
+        except RuntimeError:  # the loop thread changed a dict while we read it
+            processor = None
+        if processor is None:
+            # Not a job: more likely starved of the GIL by sync handlers' threads than blocking.
+            log.debug("task %s has held the event loop for %.2fs", task.get_name(), seconds)
+            return
+        culprit = processor
+        now = time.monotonic()
+        if now - self._last_warned.get(culprit, -1e9) < 60.0:
+            return
+        self._last_warned[culprit] = now
+        job = task.get_name().removeprefix("qflow-job-")
+        log.warning(
+            "async processor %s (job %s) is blocking the event loop (%.2fs so far): no other job, "
+            "lease renewal or heartbeat runs meanwhile. Make it `def` (it then runs in a thread) or give "
+            "it its own processes (`qflow worker ... -q %s -p N`)",
+            processor,
+            job,
+            seconds,
+            processor.split(":", 1)[0],
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The ``qflow`` command (also ``python -m qflow``): a thin argparse layer over the public functions.
+
+Logging is configured here and nowhere else (``--no-log-config`` leaves it alone). Every exit status comes
+from ``qflow._exitcodes.ExitCode``. See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ._exitcodes import MEANING, ExitCode
+
+__all__ = ("build_parser", "configure_logging", "main", "parse_args")
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(qflow_process)s[%(process)d] %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+WORKER_DESCRIPTION = """\
+Run the processors of module:app in supervised worker processes.
+
+Two knobs, never confused:
+  -c/--concurrency  jobs ONE process runs at once inside its event loop (I/O-bound work)
+  -p/--processes    separate OS processes (CPU-bound work, fault isolation)
+  capacity = processes x concurrency
+
+The supervisor (this process) never imports the app: each worker process imports module:app itself,
+and is restarted if it dies, killed and replaced if its event loop stops answering for --hang-timeout
+seconds, and recycled after --max-jobs-per-child jobs or --max-memory-per-child MB. -p 1 is supervised
+too; --in-process runs one worker in this process (for a debugger, or under systemd/Kubernetes)."""
+
+SIGNALS_HELP = """\
+signals (to the supervisor):
+  SIGTERM, SIGINT   drain: stop fetching, finish jobs in flight (up to --drain-timeout), exit 0
+                    a second one stops now: unfinished jobs are released back to their queue
+  SIGQUIT           stop now, releasing unfinished jobs
+  SIGHUP            rolling restart (new code), one process at a time, no job lost
+  SIGTTIN / SIGTTOU one process more / one fewer (the removed one drains first); or `qflow scale`"""
+
+
+def _exit_codes_help() -> str:
+    lines = ["exit codes:"]
+    lines += [f"  {int(code):<3} {code.name:<12} {MEANING[code]}" for code in ExitCode]
+    return "\n".join(lines)
+
+
+# -- argument types ---------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 MB, got {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(LOG_LEVELS)})")
+    return level
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def _queues(text: str) -> list[str]:
+    return [q for q in text.replace(",", " ").split() if q]
+
+
+# dest -> (environment variable, converter, default)
+WORKER_ENV: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    "processes": ("QFLOW_PROCESSES", _positive_int, 1),
+    "concurrency": ("QFLOW_CONCURRENCY", _positive_int, None),
+    "queues": ("QFLOW_QUEUES", _queues, None),
+    "burst": ("QFLOW_BURST", _flag, False),
+    "drain_timeout": ("QFLOW_DRAIN_TIMEOUT", _seconds, None),
+    "max_jobs_per_child": ("QFLOW_MAX_JOBS_PER_CHILD", _positive_int, None),
+    "max_memory_per_child": ("QFLOW_MAX_MEMORY_PER_CHILD", _megabytes, None),
+    "hang_timeout": ("QFLOW_HANG_TIMEOUT", _seconds, 30.0),
+    "in_process": ("QFLOW_IN_PROCESS", _flag, False),
+}
+COMMON_ENV: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    "log_level": ("QFLOW_LOG_LEVEL", _log_level, "INFO"),
+    "no_log_config": ("QFLOW_NO_LOG_CONFIG", _flag, False),
+}
+
+
+# -- parser -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qflow`` argument parser (options default to None: ``parse_args`` fills env vars and defaults)."""
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        type=_log_level,
+        metavar="LEVEL",
+        help="DEBUG, INFO (default), WARNING, ERROR [QFLOW_LOG_LEVEL]",
+    )
+    common.add_argument(
+        "--no-log-config",
+        action="store_const",
+        const=True,
+        help="leave logging alone (configure it yourself) [QFLOW_NO_LOG_CONFIG]",
+    )
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "target", metavar="module:app", help="where the qflow.App lives, e.g. myproject.tasks:app"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="qflow",
+        description="qflow: an asyncio job queue over Redis.",
+        epilog=_exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    w = sub.add_parser(
+        "worker",
+        parents=[target, common],
+        help="run worker processes (supervised)",
+        description=WORKER_DESCRIPTION,
+        epilog=f"{SIGNALS_HELP}\n\n{_exit_codes_help()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    procs = w.add_mutually_exclusive_group()
+    procs.add_argument(
+        "-p",
+        "--processes",
+        type=_positive_int,
+        metavar="N",
+        help="worker processes (default 1) [QFLOW_PROCESSES]",
+    )
+    procs.add_argument(
+        "-w", "--workers", dest="processes", type=_positive_int, metavar="N", help="same as -p"
+    )
+    w.add_argument(
+        "-c",
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="jobs each process runs at once, per processor (default: each processor's own) "
+        "[QFLOW_CONCURRENCY]",
+    )
+    w.add_argument(
+        "-q",
+        "--queue",
+        dest="queues",
+        action="extend",
+        nargs="+",
+        metavar="QUEUE",
+        help="run only these queues (default: every queue with processors) [QFLOW_QUEUES, comma-separated]",
+    )
+    w.add_argument(
+        "--burst", action="store_const", const=True, help="drain the queues, then exit 0 [QFLOW_BURST]"
+    )
+    w.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        metavar="S",
+        help="on SIGTERM, seconds jobs in flight may finish before they are released (default: the app's) "
+        "[QFLOW_DRAIN_TIMEOUT]",
+    )
+    w.add_argument(
+        "--max-jobs-per-child",
+        type=_positive_int,
+        metavar="N",
+        help="replace a process after about N jobs (+ up to 10%% jitter) [QFLOW_MAX_JOBS_PER_CHILD]",
+    )
+    w.add_argument(
+        "--max-memory-per-child",
+        type=_megabytes,
+        metavar="MB",
+        help="replace a process whose resident memory passes MB [QFLOW_MAX_MEMORY_PER_CHILD]",
+    )
+    w.add_argument(
+        "--hang-timeout",
+        type=_seconds,
+        metavar="S",
+        help="kill and replace a process whose event loop has not answered for S seconds (default 30; "
+        "0: never) [QFLOW_HANG_TIMEOUT]",
+    )
+    w.add_argument(
+        "--in-process",
+        action="store_const",
+        const=True,
+        help="run one worker in this process, without a supervisor [QFLOW_IN_PROCESS]",
+    )
+
+    sub.add_parser("status", parents=[target, as_json, common], help="list live worker processes, fleet-wide")
+    i = sub.add_parser("info", parents=[target, as_json, common], help="per-queue counts and throughput")
+    i.add_argument(
+        "-q", "--queue", dest="queues", action="extend", nargs="+", metavar="QUEUE", help="only these queues"
+    )
+
+    j = sub.add_parser("jobs", parents=[target, common], help="inspect, retry or purge jobs")
+    jsub = j.add_subparsers(dest="verb", metavar="VERB", required=True)
+    show = jsub.add_parser("show", parents=[as_json], help="everything stored about one job")
+    show.add_argument("queue", metavar="QUEUE")
+    show.add_argument("job_id", metavar="ID")
+    retry = jsub.add_parser("retry", parents=[as_json], help="put failed jobs back in their queue")
+    retry.add_argument("queue", metavar="QUEUE")
+    retry.add_argument("job_ids", metavar="ID", nargs="*", help="failed jobs to retry")
+    retry.add_argument("--all-failed", action="store_true", help="retry every failed job of QUEUE")
+    purge = jsub.add_parser("purge", help="delete every job of a queue (asks first)")
+    purge.add_argument("queue", metavar="QUEUE")
+    purge.add_argument("-y", "--yes", action="store_true", help="do not ask (required without a terminal)")
+
+    s = sub.add_parser(
+        "scale",
+        parents=[as_json, common],
+        help="change the number of processes of a running `qflow worker`",
+        description="Talk to a running supervisor on this host through its control socket "
+        "(in QFLOW_RUN_DIR, $XDG_RUNTIME_DIR/qflow or <tmp>/qflow-<uid>).",
+    )
+    s.add_argument("which", metavar="module:app|PID", help="the supervisor: its target, or its pid")
+    s.add_argument("count", metavar="N", nargs="?", help="processes wanted: N, +K or -K (none: show them)")
+    s.add_argument("--wait", action="store_true", help="return once the count is reached (up to 60 s)")
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+) -> argparse.Namespace:
+    """Parse ``argv``; options not given fall back to their ``QFLOW_*`` variable, then to their default.
+
+    Errors (also in an environment variable) exit with argparse's usage message and ``ExitCode.USAGE``.
+    """
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    table = {**COMMON_ENV, **(WORKER_ENV if args.command == "worker" else {})}
+    sub = _subparser(parser, args.command)
+    for dest, (var, convert, default) in table.items():
+        if getattr(args, dest, None) is not None:
+            continue
+        raw = env.get(var)
+        if raw is None:
+            setattr(args, dest, default)
+            continue
+        try:
+            setattr(args, dest, convert(raw))
+        except argparse.ArgumentTypeError as exc:
+            sub.error(f"environment variable {var}={raw!r}: {exc}")
+    if args.command == "worker" and args.in_process and args.processes > 1:
+        sub.error("--in-process runs one worker: drop -p/-w or --in-process")
+    if args.command == "jobs" and args.verb == "retry" and bool(args.job_ids) == bool(args.all_failed):
+        sub.error("jobs retry: give job ids or --all-failed (not both)")
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    return parser
+
+
+# -- logging ----------------------------------------------------------------------------------------------
+
+
+class _ProcessTag(logging.Filter):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.tag = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.qflow_process = self.tag
+        return True
+
+
+def configure_logging(level: str, process_name: str) -> None:
+    """Send every log line to stderr in qflow's one format, tagged ``process_name[pid]`` (CLI use only)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_ProcessTag(process_name))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``qflow`` console script and of ``python -m qflow``."""
+    args = parse_args(argv)
+    if not args.no_log_config:
+        configure_logging(
+            args.log_level, "supervisor" if args.command == "worker" and not args.in_process else "qflow"
+        )
+    from ._commands import cmd_info, cmd_jobs, cmd_scale, cmd_status
+
+    commands: dict[str, Callable[[argparse.Namespace], ExitCode]] = {
+        "worker": cmd_worker,
+        "status": cmd_status,
+        "info": cmd_info,
+        "jobs": cmd_jobs,
+        "scale": cmd_scale,
+    }
+    try:
+        code = commands[args.command](args)
+    except KeyboardInterrupt:
+        code = ExitCode.ERROR
+    sys.exit(int(code))
+
+
+def cmd_worker(args: argparse.Namespace) -> ExitCode:
+    """``qflow worker``: a supervisor of ``-p`` processes, or one worker in this process."""
+    from ._child import ChildConfig, exit_process, run_child
+
+    cfg = ChildConfig(
+        target=args.target,
+        queues=args.queues,
+        concurrency=args.concurrency,
+        burst=bool(args.burst),
+        drain_timeout=args.drain_timeout,
+        max_jobs=args.max_jobs_per_child,
+        max_memory_mb=args.max_memory_per_child,
+        log_level=args.log_level,
+        log_config=not args.no_log_config,
+        supervised=not args.in_process,
+        name="worker",
+    )
+    if args.in_process:
+        exit_process(run_child(cfg))
+    from ._commands import fail
+    from ._control import run_dir
+    from ._importer import BadTarget, split_target
+    from ._supervisor import Supervisor
+
+    try:
+        split_target(args.target)  # the form only: the supervisor never imports the app
+    except BadTarget as exc:
+        return fail(ExitCode.BAD_TARGET, str(exc))
+
+    return Supervisor(cfg, args.processes, hang_timeout=args.hang_timeout, control_dir=run_dir()).run()

@@ -1,0 +1,348 @@
+"""The one-shot operator commands of ``qflow``: status, info, jobs show|retry|purge, scale.
+
+Each loads the app (``status``, ``info``, ``jobs``) or talks to a supervisor's control socket (``scale``),
+prints a table or ``--json``, and returns an ``ExitCode``; ``qflow._cli`` parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ._exitcodes import ExitCode
+
+__all__ = ("cmd_info", "cmd_jobs", "cmd_scale", "cmd_status", "fail")
+
+
+def _out(text: str) -> None:
+    """One line (or block) of a command's output, on stdout."""
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text.rstrip("\n") + "\n")
+
+
+def fail(code: ExitCode, message: str) -> ExitCode:
+    """Print ``qflow: error: message`` on stderr and return ``code``."""
+    _err(f"qflow: error: {message}")
+    return code
+
+
+def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
+    """Load the app, run ``body(app)`` in an event loop, map qflow errors to exit codes."""
+    from ._importer import BadTarget, load_app
+    from .exceptions import BrokerUnavailable, ConfigurationError, JobNotFound
+
+    try:
+        app = load_app(args.target)
+    except BadTarget as exc:
+        if exc.details:
+            _err(exc.details)
+        return fail(ExitCode.BAD_TARGET, str(exc))
+
+    async def run() -> ExitCode:
+        try:
+            result: ExitCode = await body(app)
+            return result
+        finally:
+            await app.close()
+
+    try:
+        return asyncio.run(run())
+    except ConfigurationError as exc:
+        return fail(ExitCode.CONFIG, str(exc))
+    except BrokerUnavailable as exc:
+        return fail(ExitCode.UNAVAILABLE, str(exc))
+    except JobNotFound as exc:
+        return fail(ExitCode.NOT_FOUND, str(exc))
+
+
+def _print_json(data: Any) -> None:
+    _out(msgspec.json.format(msgspec.json.encode(data, enc_hook=repr), indent=2).decode())
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    """Plain aligned columns (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> ExitCode:
+    """``qflow status``: every live worker process of the app's Redis, on every host."""
+    from ._fleet import _server_ms, list_workers
+
+    async def body(app: Any) -> ExitCode:
+        workers = await list_workers(app)
+        if args.json:
+            _print_json(workers)
+            return ExitCode.OK
+        now = await _server_ms(app.redis()) / 1000
+        if not workers:
+            _out(f"no live worker process (prefix {app.prefix!r})")
+            return ExitCode.OK
+        rows = [
+            (
+                w.name,
+                w.host,
+                w.pid,
+                w.supervisor_pid or "-",
+                ",".join(w.queues),
+                w.concurrency,
+                w.in_flight,
+                w.jobs_done,
+                w.state,
+                _ago(now - w.started_at),
+                _ago(now - w.last_seen) + " ago",
+            )
+            for w in workers
+        ]
+        heads = (
+            "NAME",
+            "HOST",
+            "PID",
+            "SUPERVISOR",
+            "QUEUES",
+            "CONC",
+            "IN FLIGHT",
+            "DONE",
+            "STATE",
+            "UPTIME",
+            "SEEN",
+        )
+        _out(_table(heads, rows, right=(2, 3, 5, 6, 7)))
+        hosts = len({w.host for w in workers})
+        _out(
+            f"\n{len(workers)} worker process(es) on {hosts} host(s): {sum(w.concurrency for w in workers)} "
+            f"slots, {sum(w.in_flight for w in workers)} job(s) in flight"
+        )
+        return ExitCode.OK
+
+    return _one_shot(args, body)
+
+
+def cmd_info(args: argparse.Namespace) -> ExitCode:
+    """``qflow info``: per-queue counts, lifetime totals and throughput over the last minute."""
+    from ._fleet import queue_info
+    from .exceptions import ConfigurationError
+
+    async def body(app: Any) -> ExitCode:
+        queues = None
+        if args.queues:
+            unknown = [q for q in args.queues if q not in app.queues]
+            if unknown:
+                raise ConfigurationError(f"no queue named {', '.join(map(repr, unknown))} in {args.target}")
+            queues = [app.queues[q] for q in args.queues]
+        infos = await queue_info(app, queues)
+        if args.json:
+            _print_json(infos)
+            return ExitCode.OK
+        rows = [
+            (
+                q.queue,
+                q.waiting,
+                q.active,
+                q.delayed,
+                q.completed,
+                q.failed,
+                q.workers,
+                q.concurrency,
+                f"{q.completed_per_s:.2f}",
+                f"{q.failed_per_s:.2f}",
+            )
+            for q in infos
+        ]
+        heads = (
+            "QUEUE",
+            "WAITING",
+            "ACTIVE",
+            "DELAYED",
+            "COMPLETED",
+            "FAILED",
+            "WORKERS",
+            "CONC",
+            "DONE/S",
+            "FAILED/S",
+        )
+        _out(_table(heads, rows, right=tuple(range(1, 10))))
+        window = min((q.window_s for q in infos), default=60.0)
+        _out(f"\nrates over the last {window:.0f}s (server clock); COMPLETED/FAILED: jobs kept by retention")
+        return ExitCode.OK
+
+    return _one_shot(args, body)
+
+
+def cmd_jobs(args: argparse.Namespace) -> ExitCode:
+    """``qflow jobs show|retry|purge``."""
+    from ._fleet import retry_failed, show_job
+    from .exceptions import ConfigurationError
+
+    def queue_of(app: Any) -> Any:
+        from ._keys import check_queue_name
+
+        try:
+            check_queue_name(args.queue)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return app.queues.get(args.queue) or app.queue(args.queue)
+
+    async def show(app: Any) -> ExitCode:
+        info = await show_job(queue_of(app), args.job_id)
+        if args.json:
+            _print_json(info)
+            return ExitCode.OK
+        _out(f"job {info.id} in queue {info.queue}: {info.state}")
+        _out(f"  name      {info.name}")
+        _out(f"  payload   {msgspec.json.encode(info.payload, enc_hook=repr).decode()}")
+        _out(f"  attempts  {info.attempts_spent} spent, {info.stalls} stall(s)")
+        if info.options:
+            _out(f"  options   {msgspec.json.encode(info.options, enc_hook=repr).decode()}")
+        if info.since is not None:
+            _out(f"  since     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.since))}")
+        if info.state == "completed":
+            _out(f"  result    {msgspec.json.encode(info.result, enc_hook=repr).decode()}")
+        if info.error:
+            _out(f"  error     {info.error['type']}: {info.error['message']} ({info.error.get('kind', '')})")
+            if info.error.get("traceback"):
+                _out("\n" + info.error["traceback"].rstrip())
+        return ExitCode.OK
+
+    async def retry(app: Any) -> ExitCode:
+        counts = await retry_failed(queue_of(app), None if args.all_failed else args.job_ids)
+        if args.json:
+            _print_json(counts)
+        else:
+            _out(
+                f"requeued {counts['requeued']} job(s) of {args.queue}"
+                + (f"; {counts['not_failed']} not failed (left alone)" if counts["not_failed"] else "")
+                + (f"; {counts['missing']} not found" if counts["missing"] else "")
+            )
+        return ExitCode.NOT_FOUND if counts["missing"] else ExitCode.OK
+
+    async def purge(app: Any) -> ExitCode:
+        from .testing import purge as purge_queue
+
+        queue = queue_of(app)
+        counts = await queue.counts()
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+        if not args.yes:
+            if not sys.stdin or not sys.stdin.isatty():
+                return fail(
+                    ExitCode.USAGE,
+                    f"refusing to purge queue {args.queue!r} without --yes: no terminal to confirm on",
+                )
+            answer = await asyncio.to_thread(
+                input, f"Delete every job of queue {args.queue!r} ({summary}) and its counters? [y/N] "
+            )
+            if answer.strip().lower() not in ("y", "yes"):
+                _out("aborted: nothing deleted")
+                return ExitCode.ERROR
+        deleted = await purge_queue(queue)
+        _out(f"purged queue {args.queue!r} ({summary}; {deleted} key(s) deleted)")
+        return ExitCode.OK
+
+    verbs: dict[str, Callable[[Any], Any]] = {"show": show, "retry": retry, "purge": purge}
+    return _one_shot(args, verbs[args.verb])
+
+
+def cmd_scale(args: argparse.Namespace) -> ExitCode:
+    """``qflow scale``: show or change the process count of running supervisors on this host."""
+    from ._control import control_request, find_supervisors, run_dir
+    from ._importer import BadTarget, split_target
+
+    directory = run_dir()
+    if args.which.isdigit():
+        path = directory / f"qflow-{args.which}.sock"
+        if not path.exists():
+            return fail(ExitCode.NOT_FOUND, f"no supervisor with pid {args.which} (no {path})")
+        matches = [path]
+    else:
+        try:
+            split_target(args.which)
+        except BadTarget as exc:
+            return fail(ExitCode.USAGE, str(exc))
+        matches = [p for p, status in find_supervisors(directory) if status.get("target") == args.which]
+        if not matches:
+            return fail(
+                ExitCode.NOT_FOUND,
+                f"no running `qflow worker {args.which}` on this host (looked in {directory})",
+            )
+        if len(matches) > 1 and args.count is not None:
+            pids = ", ".join(p.stem.removeprefix("qflow-") for p in matches)
+            return fail(ExitCode.USAGE, f"several supervisors run {args.which} (pids {pids}): give a pid")
+    request: dict[str, Any] = {"cmd": "status"}
+    if args.count is not None:
+        text = args.count.strip()
+        try:
+            if text[:1] in "+-":
+                request = {"cmd": "scale", "delta": int(text)}
+            else:
+                request = {"cmd": "scale", "n": int(text)}
+            if request.get("n", 1) < 1:
+                raise ValueError(text)
+        except ValueError:
+            return fail(ExitCode.USAGE, f"N must be a count >= 1, +K or -K, got {args.count!r}")
+    replies = []
+    for path in matches:
+        try:
+            reply = control_request(path, request)
+            if args.wait and request["cmd"] == "scale":
+                reply = _wait_scaled(path, reply)
+        except (OSError, ValueError) as exc:
+            return fail(ExitCode.NOT_FOUND, f"cannot reach the supervisor at {path}: {exc}")
+        replies.append(reply)
+    if args.json:
+        _print_json(replies)
+        return ExitCode.OK
+    for reply in replies:
+        kids = reply["children"]
+        _out(
+            f"supervisor {reply['pid']} ({reply['target']}): {reply['desired']} process(es) wanted, "
+            f"{len(kids)} running"
+        )
+        for c in kids:
+            ready = "ready" if c["ready"] else "starting"
+            _out(f"  {c['name']:<12} pid {c['pid']:<8} {c['state']:<10} {ready}")
+    return ExitCode.OK
+
+
+def _wait_scaled(path: Path, reply: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """Poll the supervisor until exactly ``desired`` ready children run and none is draining."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = reply["children"]
+        ready = [c for c in kids if c["state"] == "active" and c["ready"]]
+        if len(ready) == reply["desired"] and len(kids) == len(ready):
+            return reply
+        time.sleep(0.05)
+        reply = _control(path)
+    return reply
+
+
+def _control(path: Path) -> dict[str, Any]:
+    from ._control import control_request
+
+    return control_request(path, {"cmd": "status"})

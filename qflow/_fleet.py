@@ -1,0 +1,452 @@
+"""Seeing and steering a fleet: worker heartbeats in Redis, queue counts and throughput, job inspection.
+
+Every worker process started by ``qflow worker`` runs ``heartbeat`` beside its own tasks (a ``Worker``
+companion). It writes a hash describing itself (host, pid, queues, concurrency, jobs in flight, jobs done,
+started at) that expires unless renewed, and its id in a fleet-wide sorted set; ``list_workers`` reads them
+from any machine. Keys are named in ``qflow._keys.FleetKeys``. Times come from the Redis server's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from redis import exceptions as rexc
+
+from . import _codec
+from ._keys import FleetKeys
+from ._scripts import command, script
+from .exceptions import BrokerUnavailable, JobNotFound, PayloadError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from ._app import App
+    from ._queue import Queue
+    from ._worker import Worker
+
+__all__ = (
+    "JobInfo",
+    "QueueInfo",
+    "WorkerInfo",
+    "concurrency_of",
+    "heartbeat",
+    "list_workers",
+    "queue_info",
+    "retry_failed",
+    "show_job",
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+"""Seconds between two heartbeats of one worker process."""
+HEARTBEAT_TTL = 10.0
+"""Seconds a worker stays listed after its last heartbeat (a SIGKILLed worker disappears after this)."""
+THROUGHPUT_WINDOW = 60.0
+"""Seconds of recent history ``queue_info`` measures throughput over."""
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One live worker process, as registered by its heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    supervisor_pid: int
+    """Pid of the ``qflow worker`` supervisor that started it (0: started some other way)."""
+    name: str
+    target: str
+    queues: dict[str, int]
+    """Queue name -> jobs this process runs at once on it."""
+    concurrency: int
+    in_flight: int
+    jobs_done: int
+    jobs_handled: int
+    state: str
+    """``running`` or ``draining``."""
+    started_at: float
+    """Server time (Unix seconds) the worker registered."""
+    last_seen: float
+    """Server time (Unix seconds) of its last heartbeat."""
+
+
+class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts and recent throughput of one queue."""
+
+    queue: str
+    waiting: int
+    active: int
+    delayed: int
+    completed: int
+    failed: int
+    workers: int
+    """Live worker processes consuming this queue."""
+    concurrency: int
+    """Jobs those workers can run at once on this queue, in total."""
+    completed_per_s: float
+    failed_per_s: float
+    window_s: float
+    """Seconds the two rates were measured over (at most ``THROUGHPUT_WINDOW``)."""
+    totals: dict[str, int]
+    """Lifetime counters: completed, failed, retried, stalled, stale_acks, released, requeued."""
+
+
+class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything stored about one job."""
+
+    queue: str
+    id: str
+    state: str
+    name: str | None
+    payload: Any
+    attempts_spent: int
+    stalls: int
+    options: dict[str, Any]
+    """Per-job overrides given at ``add`` (attempts, timeout, backoff)."""
+    result: Any = None
+    error: dict[str, str] | None = None
+    """type, message, traceback and kind of the last error."""
+    since: float | None = None
+    """Server time (Unix seconds): when it completed or failed; when a delayed job is due; lease deadline."""
+
+
+# -- heartbeat (worker side) -----------------------------------------------------------------------------
+
+
+def heartbeat(
+    *,
+    target: str = "",
+    name: str = "",
+    supervisor_pid: int = 0,
+    concurrency: int | None = None,
+    interval: float = HEARTBEAT_INTERVAL,
+    ttl: float = HEARTBEAT_TTL,
+) -> Callable[[Worker], Awaitable[None]]:
+    """A ``Worker`` companion registering the worker in the fleet registry until it stops.
+
+    ``concurrency`` is the ``-c`` override the worker was built with (None: each processor's own).
+    It beats every ``interval`` seconds, and at once when the worker starts draining; a worker that stops
+    gracefully deregisters, one that dies drops out after ``ttl`` seconds.
+    """
+
+    async def run(worker: Worker) -> None:
+        await _beat_forever(worker, target, name, supervisor_pid, concurrency, interval, ttl)
+
+    return run
+
+
+def concurrency_of(worker: Worker, override: int | None) -> dict[str, int]:
+    """Queue name -> how many jobs ``worker`` runs at once on it (the sum of its processors' limits)."""
+    return {q.name: sum(override or p.concurrency for p in q.processors.values()) for q in worker.queues}
+
+
+async def _beat_forever(
+    worker: Worker,
+    target: str,
+    name: str,
+    supervisor_pid: int,
+    override: int | None,
+    interval: float,
+    ttl: float,
+) -> None:
+    app = worker.app
+    keys = FleetKeys(app.prefix)
+    key = keys.worker(worker.id)
+    queues = concurrency_of(worker, override)
+    static: dict[str, str | int | bytes] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "supervisor_pid": supervisor_pid,
+        "name": name or f"worker-{os.getpid()}",
+        "target": target,
+        "queues": msgspec.json.encode(queues),
+        "concurrency": sum(queues.values()),
+    }
+    loop = asyncio.get_running_loop()
+    started_ms: int | None = None
+    failing = False
+    last_state = ""
+    last_beat = -interval
+    try:
+        while True:
+            state = "draining" if worker.stopping else "running"
+            if state != last_state or loop.time() - last_beat >= interval:
+                try:
+                    client = app.redis()
+                    now_ms = await _server_ms(client)
+                    if started_ms is None:
+                        started_ms = now_ms
+                    fields: dict[str, str | int | bytes] = {
+                        **static,
+                        "in_flight": worker.in_flight,
+                        "jobs_done": worker.jobs_done,
+                        "jobs_handled": worker.jobs_handled,
+                        "state": state,
+                        "started_at": started_ms,
+                        "last_seen": now_ms,
+                    }
+                    async with client.pipeline(transaction=True) as pipe:
+                        pipe.hset(key, items=[part for kv in fields.items() for part in kv])
+                        pipe.pexpire(key, int(ttl * 1000))
+                        pipe.zadd(keys.workers, {worker.id: now_ms})
+                        await pipe.execute()
+                    last_state, last_beat = state, loop.time()
+                    if failing:
+                        log.info("fleet heartbeat restored")
+                    failing = False
+                except (rexc.ConnectionError, rexc.TimeoutError, BrokerUnavailable) as exc:
+                    if not failing:
+                        log.warning("fleet heartbeat failed (%s); `qflow status` may miss this worker", exc)
+                    failing = True
+                    last_beat = loop.time()
+            await asyncio.sleep(min(0.2, interval))
+    finally:
+        # Deregister on a graceful stop (the companion is cancelled then). The worker cancels its tasks again
+        # every 50 ms until they end (bpo-42130 workaround), so the deregistration runs in its own task and
+        # those repeated cancels are absorbed until it is done: bounded by its own 1 s timeout, so a dead
+        # Redis cannot hold the stop up (the hash would expire by itself anyway).
+        done = asyncio.ensure_future(_deregister(app, keys, worker.id))
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(done)
+
+
+async def _deregister(app: App, keys: FleetKeys, worker_id: str) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            async with app.redis().pipeline(transaction=True) as pipe:
+                pipe.delete(keys.worker(worker_id))
+                pipe.zrem(keys.workers, worker_id)
+                await pipe.execute()
+
+
+async def _server_ms(client: aioredis.Redis) -> int:
+    """Milliseconds on the Redis server's clock (``TIME``)."""
+    try:
+        secs, micros = await command(client, "TIME")
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+# -- reading the fleet (any process) ----------------------------------------------------------------------
+
+
+async def list_workers(app: App) -> list[WorkerInfo]:
+    """Every worker process whose heartbeat is current, on every host, oldest first."""
+    client = app.redis()
+    keys = FleetKeys(app.prefix)
+    try:
+        members = typing.cast("list[bytes]", await client.zrange(keys.workers, 0, -1))
+        ids = [_text(x) for x in members]
+        if not ids:
+            return []
+        async with client.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.hgetall(keys.worker(worker_id))
+            hashes = await pipe.execute()
+        gone = [worker_id for worker_id, h in zip(ids, hashes, strict=True) if not h]
+        if gone:
+            await client.zrem(keys.workers, *gone)
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+    out = [_worker_info(worker_id, h) for worker_id, h in zip(ids, hashes, strict=True) if h]
+    return sorted(out, key=lambda w: (w.started_at, w.host, w.pid))
+
+
+def _worker_info(worker_id: str, raw: dict[Any, Any]) -> WorkerInfo:
+    h = {_text(k): _text(v) for k, v in raw.items()}
+
+    def num(field: str) -> int:
+        try:
+            return int(h.get(field, "0"))
+        except ValueError:
+            return 0
+
+    try:
+        queues = msgspec.json.decode(h.get("queues", "{}"), type=dict[str, int])
+    except msgspec.DecodeError:
+        queues = {}
+    return WorkerInfo(
+        id=worker_id,
+        host=h.get("host", "?"),
+        pid=num("pid"),
+        supervisor_pid=num("supervisor_pid"),
+        name=h.get("name", ""),
+        target=h.get("target", ""),
+        queues=queues,
+        concurrency=num("concurrency"),
+        in_flight=num("in_flight"),
+        jobs_done=num("jobs_done"),
+        jobs_handled=num("jobs_handled"),
+        state=h.get("state", "?"),
+        started_at=num("started_at") / 1000,
+        last_seen=num("last_seen") / 1000,
+    )
+
+
+async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[QueueInfo]:
+    """Counts per state, lifetime totals and recent throughput of ``queues`` (default: every declared queue).
+
+    Throughput counts the jobs that finished in the last ``THROUGHPUT_WINDOW`` seconds (server clock). When
+    retention already trimmed part of that window, the rate is taken over what is kept, which is exact
+    because trimming drops the oldest first.
+    """
+    selected = list(app.queues.values()) if queues is None else list(queues)
+    client = app.redis()
+    workers = await list_workers(app)
+    now_ms = await _server_ms(client)
+    since = now_ms - int(THROUGHPUT_WINDOW * 1000)
+    out: list[QueueInfo] = []
+    for q in selected:
+        k = q.keys
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.llen(k.wait)
+                pipe.zcard(k.active)
+                pipe.zcard(k.delayed)
+                pipe.zcard(k.completed)
+                pipe.zcard(k.failed)
+                pipe.hgetall(k.stats)
+                pipe.zcount(k.completed, since, "+inf")
+                pipe.zrange(k.completed, 0, 0, withscores=True)
+                pipe.zcount(k.failed, since, "+inf")
+                pipe.zrange(k.failed, 0, 0, withscores=True)
+                res = await pipe.execute()
+        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+        (
+            waiting,
+            active,
+            delayed,
+            completed,
+            failed,
+            stats,
+            done_recent,
+            oldest_done,
+            failed_recent,
+            oldest_failed,
+        ) = res
+        ret = q.retention
+        done_window = _window(now_ms, since, completed >= ret.completed_count > 0, oldest_done)
+        fail_window = _window(now_ms, since, failed >= ret.failed_count > 0, oldest_failed)
+        consumers = [w for w in workers if q.name in w.queues]
+        out.append(
+            QueueInfo(
+                queue=q.name,
+                waiting=waiting,
+                active=active,
+                delayed=delayed,
+                completed=completed,
+                failed=failed,
+                workers=len(consumers),
+                concurrency=sum(w.queues[q.name] for w in consumers),
+                completed_per_s=round(done_recent / done_window, 3),
+                failed_per_s=round(failed_recent / fail_window, 3),
+                window_s=round(min(done_window, fail_window), 3),
+                totals={_text(key): int(v) for key, v in stats.items()},
+            )
+        )
+    return out
+
+
+def _window(now_ms: int, since: int, trimmed: bool, oldest: list[tuple[bytes, float]]) -> float:
+    """Seconds to divide a recent count by: the full window, or what retention kept of it."""
+    if trimmed and oldest and oldest[0][1] > since:
+        return max(0.001, (now_ms - oldest[0][1]) / 1000)
+    return THROUGHPUT_WINDOW
+
+
+# -- jobs (operator verbs) ----------------------------------------------------------------------------------
+
+
+async def show_job(queue: Queue, job_id: str) -> JobInfo:
+    """Read everything stored about one job; raise ``JobNotFound`` if there is none."""
+    k = queue.keys
+    client = queue.app.redis()
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hget(k.state, job_id)
+            pipe.hget(k.jobs, job_id)
+            pipe.hget(k.attempts, job_id)
+            pipe.hget(k.stalls, job_id)
+            pipe.hget(k.results, job_id)
+            pipe.hget(k.errors, job_id)
+            for zset in (k.completed, k.failed, k.delayed, k.active):
+                pipe.zscore(zset, job_id)
+            state, env_raw, attempts, stalls, result, error, *scores = await pipe.execute()
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+    if state is None:
+        raise JobNotFound(f"no job {job_id!r} in queue {queue.name!r} (never added, or trimmed by retention)")
+    name: str | None = None
+    payload: Any = None
+    options: dict[str, Any] = {}
+    if env_raw is not None:
+        try:
+            env = _codec.decode_envelope(env_raw)
+            name = env.name
+            payload = _codec.decode_any(bytes(env.payload))
+            options = {
+                key: value
+                for key, value in msgspec.structs.asdict(env).items()
+                if key not in ("name", "payload") and value is not None
+            }
+        except (PayloadError, *_codec.DECODE_ERRORS) as exc:
+            payload = f"<undecodable: {exc}>"
+    since = next((s for s in scores if s is not None), None)
+    return JobInfo(
+        queue=queue.name,
+        id=job_id,
+        state=_text(state),
+        name=name,
+        payload=payload,
+        attempts_spent=int(attempts or 0),
+        stalls=int(stalls or 0),
+        options=msgspec.to_builtins(options),
+        result=_codec.decode_any(result) if result is not None else None,
+        error=msgspec.structs.asdict(_codec.decode_error(error)) if error is not None else None,
+        since=None if since is None else since / 1000,
+    )
+
+
+async def retry_failed(
+    queue: Queue, job_ids: Iterable[str] | None = None, *, batch: int = 500
+) -> dict[str, int]:
+    """Put failed jobs back in ``wait`` with fresh attempts (all of them when ``job_ids`` is None).
+
+    Returns ``{"requeued": n, "not_failed": n, "missing": n}``. Each job moves in one atomic script call
+    (``lua/retry_failed.lua``), so a job is never seen half-moved, and a job that is not ``failed`` (it was
+    retried already, or is running) is left alone.
+    """
+    k = queue.keys
+    keys = [k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats]
+    run = script("retry_failed")
+    client = queue.app.redis()
+    counts = {"requeued": 0, "not_failed": 0, "missing": 0}
+    if job_ids is None:
+        previous = -1
+        while True:
+            moved, left = await run(client, keys, ["oldest", batch])
+            counts["requeued"] += int(moved)
+            if int(left) == 0 or int(left) == previous:
+                return counts
+            previous = int(left)
+    ids = list(job_ids)
+    for start in range(0, len(ids), batch):
+        flags = await run(client, keys, ["ids", *ids[start : start + batch]])
+        for flag in flags:
+            counts[{1: "requeued", 0: "not_failed", -1: "missing"}[int(flag)]] += 1
+    return counts
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
