@@ -1,0 +1,1 @@
+"""Integration patterns, one runnable file each: ``python -m examples.patterns.<name>`` (see README.md)."""

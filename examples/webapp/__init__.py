@@ -1,0 +1,1 @@
+"""The web app from the story: an HTTP API that enqueues, and workers that do the work (see README.md)."""
