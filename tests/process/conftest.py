@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -100,28 +100,37 @@ class Workers:
         concurrency: int = 8,
         drain_timeout: float | None = None,
         max_sleep: float | None = None,
+        url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        expect_exit: bool = False,
     ) -> WorkerProcess:
-        """Start a worker process (it may not be fetching yet: see ``start``)."""
-        env = dict(os.environ)
-        env.update(
+        """Start a worker process (it may not be fetching yet: see ``start``).
+
+        ``url`` overrides the server (e.g. a fault proxy in front of it); ``env`` adds ``ledger_app`` settings
+        (a crash point, timings); ``expect_exit``: the process will end by itself (a crash point, a poison
+        job), which ``until`` then does not treat as a failure.
+        """
+        base = dict(os.environ)
+        base.update(
             {
-                ledger_app.ENV_URL: self.redis_url,
+                ledger_app.ENV_URL: url or self.redis_url,
                 ledger_app.ENV_PREFIX: self.prefix,
                 ledger_app.ENV_DIR: str(self.dir),
                 ledger_app.ENV_CONCURRENCY: str(concurrency),
             }
         )
         if drain_timeout is not None:
-            env[ledger_app.ENV_DRAIN_TIMEOUT] = str(drain_timeout)
+            base[ledger_app.ENV_DRAIN_TIMEOUT] = str(drain_timeout)
         if max_sleep is not None:
-            env[ledger_app.ENV_MAX_SLEEP] = str(max_sleep)
+            base[ledger_app.ENV_MAX_SLEEP] = str(max_sleep)
+        base.update(env or {})
         log_path = self.dir.parent / f"worker-{len(self.started)}.log"
         log_file = log_path.open("wb")
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "tests.process.ledger_app"],
                 cwd=REPO_ROOT,
-                env=env,
+                env=base,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -131,6 +140,7 @@ class Workers:
             log_file.close()
             raise
         proc = WorkerProcess(popen, log_path, log_file)
+        proc.signalled = expect_exit
         self.started.append(proc)
         return proc
 
@@ -140,9 +150,19 @@ class Workers:
         concurrency: int = 8,
         drain_timeout: float | None = None,
         max_sleep: float | None = None,
+        url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        expect_exit: bool = False,
     ) -> WorkerProcess:
         """Start a worker process and wait until its ledger says it is fetching."""
-        proc = self.spawn(concurrency=concurrency, drain_timeout=drain_timeout, max_sleep=max_sleep)
+        proc = self.spawn(
+            concurrency=concurrency,
+            drain_timeout=drain_timeout,
+            max_sleep=max_sleep,
+            url=url,
+            env=env,
+            expect_exit=expect_exit,
+        )
         await self.until(lambda led: proc.pid in led.pids("ready"), what=f"worker {proc.pid} ready")
         return proc
 

@@ -1,0 +1,730 @@
+"""The fault-injection harness (issue #5): a server we may hurt, a proxy that breaks the network, a checker.
+
+- ``ValkeyServer``: a ``valkey-server`` of our own (never the system Redis) on a free loopback port with its
+  own data dir. It can be SIGKILLed, restarted on the same port (AOF on or off), paused with SIGSTOP/SIGCONT
+  and put to ``DEBUG SLEEP``.
+- ``Proxy``: a TCP proxy on 127.0.0.1 between clients and the server, on an event loop in its own thread (so a
+  test that blocks its own loop does not slow the network down). Modes: ``pass``, ``reset`` (new connections
+  are reset; ``reset_all`` resets the open ones), ``blackhole`` (sockets stay open, bytes vanish both ways),
+  ``drop_replies`` (requests reach the server, replies vanish) and ``latency`` (every chunk is delayed).
+- ``snapshot`` + ``check``: one MULTI reads a queue's whole state; ``check`` lists every broken invariant of
+  DESIGN.md and counts what matters (lost, completed twice, jobs outside the attempt and stall limits).
+- ``Figures``: each test's numbers, printed as one JSON line (and appended to ``$QFLOW_FAULTS_REPORT`` when
+  set, so one full run yields the table of the issue's note).
+
+Everything started here is stopped in ``close()``/``stop()``; the fixtures in ``conftest.py`` call them
+whatever the test did. Waiting is always polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+
+import qflow
+from qflow import _codec
+from qflow._keys import QueueKeys
+from qflow.testing import valkey_binary
+
+# -- test-profile timing -----------------------------------------------------------------------------------
+
+PROFILE = qflow.WorkerSettings(
+    lease_ttl=1.0, check_interval=0.25, max_stalls=2, drain_timeout=5.0, block_timeout=0.5
+)
+"""Worker timings of the fault suite: a dead or silent worker's jobs are runnable again within ~1.25 s."""
+SOCKET_TIMEOUT = 1.5
+"""Client socket timeout of the fault suite: a dead TCP path surfaces within 1.5 s (production: 5 s)."""
+RECOVERY_BOUND = PROFILE.lease_ttl + PROFILE.check_interval + 1.0
+"""Seconds from a worker's death (or silence) to its jobs running elsewhere: lease + check + slack for a
+loaded 2-core CI box (process start-up is not in it: the other worker is already fetching)."""
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.01) -> float:
+    """Blocking poll of ``predicate`` until it holds; return when (monotonic), or raise ``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- the server -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pong(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class ValkeyServer:
+    """One ``valkey-server`` process we own: start, SIGKILL, restart on the same port, pause, DEBUG SLEEP."""
+
+    def __init__(self, *, appendonly: bool = True, extra: Iterable[str] = ()) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="qflow-faults-"))
+        self.appendonly = appendonly
+        self.extra = list(extra)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+        self.starts = 0
+        self._sleepers: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        return [
+            str(valkey_binary()),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",  # the default: a process kill (not a power cut) loses nothing
+            "--maxmemory-policy", "noeviction",
+            "--enable-debug-command", "local",
+            "--loglevel", "warning",
+            "--logfile", str(self.dir / "server.log"),
+            *self.extra,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> float:
+        """Start the server (a free port the first time, the same port after); return when it answers."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        ports = [self.port] if self.port else [free_port() for _ in range(5)]
+        for port in ports:  # a free port can be taken by someone else before the server binds it
+            self.port = port
+            self.proc = subprocess.Popen(
+                self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if _pong(port):
+                    self.starts += 1
+                    self.paused = False
+                    return time.monotonic()
+                time.sleep(0.01)
+            self._reap(kill=True)
+        raise RuntimeError(f"valkey-server did not start on port {self.port}: {self.log()[-800:]}")
+
+    def log(self) -> str:
+        path = self.dir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _reap(self, *, kill: bool) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if self.paused:
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.paused = False
+
+    def kill(self) -> float:
+        """SIGKILL the server (no shutdown, no AOF rewrite) and reap it; return when it died."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.paused = False
+        return time.monotonic()
+
+    def restart(self, *, appendonly: bool | None = None) -> float:
+        """Start again on the same port (after ``kill``); with AOF it reloads what it had acknowledged."""
+        if appendonly is not None:
+            self.appendonly = appendonly
+        return self.start()
+
+    def pause(self) -> float:
+        """SIGSTOP: the server stops answering; sockets stay open; its clock keeps running."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+        return time.monotonic()
+
+    def resume(self) -> float:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+        return time.monotonic()
+
+    def debug_sleep(self, seconds: float) -> float:
+        """Send ``DEBUG SLEEP seconds`` (the server blocks that long); return when it was sent.
+
+        The reply is read and the socket closed by a thread, joined in ``close()``.
+        """
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=seconds + 10)
+        sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+        sent = time.monotonic()
+
+        def finish() -> None:
+            with sock, contextlib.suppress(OSError):
+                sock.recv(64)
+
+        t = threading.Thread(target=finish, name="debug-sleep", daemon=True)
+        t.start()
+        self._sleepers.append(t)
+        return sent
+
+    def client(self, *, timeout: float = 10.0) -> redis.Redis:
+        """A synchronous client straight to the server (not through any proxy)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
+
+    def info(self, section: str = "memory") -> dict[str, Any]:
+        c = self.client()
+        try:
+            return dict(c.info(section))
+        finally:
+            c.close()
+
+    def close(self) -> None:
+        """Kill the server, wait for DEBUG SLEEP threads, delete the data dir."""
+        self._reap(kill=True)
+        for t in self._sleepers:
+            t.join(timeout=15)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- the proxy --------------------------------------------------------------------------------------------
+
+MODES = ("pass", "reset", "blackhole", "drop_replies", "latency")
+
+
+class _Pipe:
+    """One proxied connection: client <-> server, two pumps, one delayed sender per direction."""
+
+    def __init__(self, proxy: Proxy, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.server = server
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def abort(self) -> None:
+        """Close both sides with a TCP RST (SO_LINGER 0), as a crashed middlebox or a kernel would."""
+        for w in (self.client, self.server):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+        for t in self.tasks:
+            t.cancel()
+
+    async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bool) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        sender = asyncio.create_task(self._send(queue, writer))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                mode = self.proxy.mode
+                if mode == "blackhole" or (mode == "drop_replies" and reply):
+                    self.proxy.dropped += len(data)
+                    continue
+                delay = self.proxy.latency if mode == "latency" else 0.0
+                queue.put_nowait((loop.time() + delay, data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            queue.put_nowait((0.0, b""))  # end of stream, after whatever is still delayed
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await sender
+
+    async def _send(self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+class Proxy:
+    """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target_port with switchable faults (thread-safe controls)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.mode = "pass"
+        self.latency = 0.0
+        self.dropped = 0
+        self.accepted = 0
+        self.resets = 0
+        self._pipes: set[_Pipe] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10) or not self.port:
+            raise RuntimeError("proxy did not start")
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._server = loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ready.set()
+            loop.run_forever()
+        finally:
+            self._ready.set()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.mode == "reset":
+            self.resets += 1
+            _abort(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.target_port), 5.0
+            )
+        except (OSError, TimeoutError):
+            _abort(writer)  # the server is down: the client sees a reset, as with no proxy at all
+            return
+        pipe = _Pipe(self, writer, up_writer)
+        self._pipes.add(pipe)
+        pipe.tasks = [
+            asyncio.create_task(pipe.pump(reader, up_writer, reply=False)),
+            asyncio.create_task(pipe.pump(up_reader, writer, reply=True)),
+        ]
+        try:
+            await asyncio.gather(*pipe.tasks, return_exceptions=True)
+        finally:
+            self._pipes.discard(pipe)
+            for w in (writer, up_writer):
+                w.close()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        assert self._loop is not None
+        fut: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller's thread
+                fut.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return fut.result(timeout=10)
+
+    def set_mode(self, mode: str, *, latency: float = 0.0) -> float:
+        """Switch mode for every chunk read from now on; return when (monotonic)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown proxy mode {mode!r}: one of {MODES}")
+
+        def apply() -> None:
+            self.latency = latency
+            self.mode = mode
+
+        self._call(apply)
+        return time.monotonic()
+
+    def reset_all(self) -> int:
+        """Reset every open connection now (both sides get a RST); return how many."""
+
+        def apply() -> int:
+            pipes = list(self._pipes)
+            for p in pipes:
+                p.abort()
+            self.resets += len(pipes)
+            return len(pipes)
+
+        n: int = self._call(apply)
+        return n
+
+    @property
+    def connections(self) -> int:
+        return len(self._pipes)
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        loop = self._loop
+
+        def shutdown() -> None:
+            for p in list(self._pipes):
+                p.abort()
+            if self._server is not None:
+                self._server.close()
+            loop.stop()
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(shutdown)
+        self._thread.join(timeout=10)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+# -- the invariant checker --------------------------------------------------------------------------------
+
+TERMINAL = ("completed", "failed")
+
+
+@dataclass
+class Snapshot:
+    """A queue's whole state, read in one MULTI/EXEC (no script can run in between)."""
+
+    now_ms: int
+    state: dict[str, str]
+    wait: list[str]
+    active: dict[str, float]
+    delayed: dict[str, float]
+    completed: dict[str, float]
+    failed: dict[str, float]
+    tokens: dict[str, str]
+    attempts: dict[str, int]
+    stalls: dict[str, int]
+    jobs: set[str]
+    results: dict[str, bytes]
+    errors: dict[str, bytes]
+    stats: dict[str, int]
+
+    def failure_kind(self, job_id: str) -> str | None:
+        raw = self.errors.get(job_id)
+        return None if raw is None else _codec.decode_error(raw).kind
+
+
+def _s(v: bytes) -> str:
+    return v.decode("utf-8", "surrogateescape")
+
+
+def _zmap(pairs: list[tuple[bytes, float]]) -> dict[str, float]:
+    return {_s(k): float(v) for k, v in pairs}
+
+
+def snapshot(client: redis.Redis, keys: QueueKeys) -> Snapshot:
+    """Read every structure of one queue atomically (``client`` talks straight to the server)."""
+    with client.pipeline(transaction=True) as p:
+        p.time()
+        p.hgetall(keys.state)
+        p.lrange(keys.wait, 0, -1)
+        p.zrange(keys.active, 0, -1, withscores=True)
+        p.zrange(keys.delayed, 0, -1, withscores=True)
+        p.zrange(keys.completed, 0, -1, withscores=True)
+        p.zrange(keys.failed, 0, -1, withscores=True)
+        p.hgetall(keys.tokens)
+        p.hgetall(keys.attempts)
+        p.hgetall(keys.stalls)
+        p.hkeys(keys.jobs)
+        p.hgetall(keys.results)
+        p.hgetall(keys.errors)
+        p.hgetall(keys.stats)
+        r = p.execute()
+    secs, micros = r[0]
+    return Snapshot(
+        now_ms=int(secs) * 1000 + int(micros) // 1000,
+        state={_s(k): _s(v) for k, v in r[1].items()},
+        wait=[_s(x) for x in r[2]],
+        active=_zmap(r[3]),
+        delayed=_zmap(r[4]),
+        completed=_zmap(r[5]),
+        failed=_zmap(r[6]),
+        tokens={_s(k): _s(v) for k, v in r[7].items()},
+        attempts={_s(k): int(v) for k, v in r[8].items()},
+        stalls={_s(k): int(v) for k, v in r[9].items()},
+        jobs={_s(k) for k in r[10]},
+        results={_s(k): v for k, v in r[11].items()},
+        errors={_s(k): v for k, v in r[12].items()},
+        stats={_s(k): int(v) for k, v in r[13].items()},
+    )
+
+
+@dataclass
+class Check:
+    """What ``check`` found: counts for the report, and every broken invariant in words."""
+
+    jobs: int = 0
+    lost: int = 0
+    completed: int = 0
+    failed: int = 0
+    failed_stalled: int = 0
+    completed_twice: int = 0
+    over_attempts: int = 0
+    over_stalls: int = 0
+    active_without_lease: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "jobs": self.jobs,
+            "lost": self.lost,
+            "completed": self.completed,
+            "failed": self.failed,
+            "failed_stalled": self.failed_stalled,
+            "completed_twice": self.completed_twice,
+            "over_attempts": self.over_attempts,
+            "over_stalls": self.over_stalls,
+            "active_without_lease": self.active_without_lease,
+            "violations": len(self.violations),
+        }
+
+
+def check(
+    snap: Snapshot,
+    acknowledged: Iterable[str],
+    *,
+    max_attempts: int = 1,
+    max_stalls: int = PROFILE.max_stalls,
+    quiescent: bool = True,
+    fresh_queue: bool = True,
+) -> Check:
+    """Check the invariants of DESIGN.md on one snapshot.
+
+    Always: every job is in exactly one structure matching its state (no half-states), the wait list holds
+    no id twice, every active job has a lease (a deadline and a token), attempt and stall counters are within
+    their limits. With ``quiescent``: every acknowledged add is in a terminal state (else it counts as lost).
+    With ``fresh_queue`` (the queue was empty before the test and retention keeps every job): the lifetime
+    ``completed`` counter equals the number of completed jobs, so no job was ever completed twice.
+    """
+    c = Check()
+    v = c.violations
+    ack = list(dict.fromkeys(acknowledged))
+    c.jobs = len(ack)
+    in_wait = Counter(snap.wait)
+    for job_id, n in in_wait.items():
+        if n > 1:
+            v.append(f"{job_id} is in wait {n} times")
+    places = {
+        "waiting": set(in_wait),
+        "active": set(snap.active),
+        "delayed": set(snap.delayed),
+        "completed": set(snap.completed),
+        "failed": set(snap.failed),
+    }
+    for job_id in set(snap.state) | set().union(*places.values()):
+        st = snap.state.get(job_id)
+        where = [name for name, ids in places.items() if job_id in ids]
+        if st is None:
+            v.append(f"{job_id} is in {where} without a state")
+            continue
+        if where != [st]:
+            v.append(f"{job_id} has state {st!r} but is in {where}")
+        if job_id not in snap.jobs:
+            v.append(f"{job_id} ({st}) has no envelope")
+        if st == "active" and (job_id not in snap.active or job_id not in snap.tokens):
+            c.active_without_lease += 1
+            v.append(f"{job_id} is active without a lease")
+        if st != "active" and job_id in snap.tokens:
+            v.append(f"{job_id} ({st}) still holds a token")
+        if st == "completed" and job_id not in snap.results:
+            v.append(f"{job_id} is completed without a result")
+        if st == "failed" and job_id not in snap.errors:
+            v.append(f"{job_id} is failed without an error")
+    for job_id in snap.tokens:
+        if job_id not in snap.active:
+            v.append(f"{job_id} holds a token but no lease deadline")
+    for job_id, n in snap.attempts.items():
+        if n > max_attempts:
+            c.over_attempts += 1
+            v.append(f"{job_id} spent {n} attempts (limit {max_attempts})")
+    for job_id, n in snap.stalls.items():
+        if n > max_stalls + 1:
+            c.over_stalls += 1
+            v.append(f"{job_id} stalled {n} times (limit {max_stalls} + the final one)")
+        elif n > max_stalls and snap.state.get(job_id) != "failed":
+            c.over_stalls += 1
+            v.append(f"{job_id} stalled {n} times but is {snap.state.get(job_id)!r}, not failed")
+    for job_id in ack:
+        st = snap.state.get(job_id)
+        if st == "completed":
+            c.completed += 1
+        elif st == "failed":
+            c.failed += 1
+            if snap.failure_kind(job_id) == "stalled":
+                c.failed_stalled += 1
+        elif quiescent:
+            c.lost += 1
+            v.append(f"acknowledged job {job_id} is {st!r}, not completed or failed")
+    if fresh_queue:
+        c.completed_twice = max(0, snap.stats.get("completed", 0) - len(snap.completed))
+        if c.completed_twice:
+            v.append(
+                f"stats.completed = {snap.stats.get('completed', 0)} but {len(snap.completed)} jobs are "
+                "completed: some job was completed twice"
+            )
+    return c
+
+
+# -- figures ----------------------------------------------------------------------------------------------
+
+
+class Figures(dict[str, Any]):
+    """One test's figures; ``emit`` prints them as one JSON line (and appends it to the report file)."""
+
+    def __init__(self, test: str, **figures: Any) -> None:
+        super().__init__(test=test, **figures)
+
+    def emit(self) -> None:
+        line = json.dumps(self, default=_jsonable, sort_keys=False)
+        print(line)
+        path = os.environ.get("QFLOW_FAULTS_REPORT")
+        if path:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set | frozenset | tuple):
+        return sorted(value)
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
+    return str(value)
+
+
+def seconds(value: float | None) -> float | None:
+    """Round a duration for the report."""
+    return None if value is None else round(value, 3)
+
+
+# -- steady load ------------------------------------------------------------------------------------------
+
+
+class Load:
+    """A producer adding jobs at a steady rate, each with an id made before its first try.
+
+    An add that fails (the server is down, the connection was cut) is retried with the same id until it is
+    acknowledged: ``add(job_id=...)`` is idempotent, so a write that landed before its reply was lost is
+    not made twice. Only acknowledged adds are the checker's business (``acknowledged``).
+    """
+
+    def __init__(
+        self, queue: qflow.Queue, make: Callable[[], Any], *, rate: float, name: str, tag: str = "j"
+    ) -> None:
+        self.queue = queue
+        self.make = make
+        self.rate = rate
+        self.name = name
+        self.tag = tag
+        self.acknowledged: list[str] = []
+        self.acked_at: dict[str, float] = {}
+        self.failures = 0
+        self.errors: Counter[str] = Counter()
+        self.slowest_add = 0.0
+        self._n = 0
+
+    async def run(self, stop: asyncio.Event, *, retry_for: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.rate
+        next_at = loop.time()
+        while not stop.is_set():
+            self._n += 1
+            job_id = f"{self.tag}{self._n:06d}"
+            payload = self.make()
+            give_up = loop.time() + retry_for
+            while True:
+                t = loop.time()
+                try:
+                    await self.queue.add(self.name, payload, job_id=job_id)
+                except qflow.BrokerUnavailable as exc:
+                    self.failures += 1
+                    self.errors[type(exc.__cause__).__name__] += 1
+                    if stop.is_set() or loop.time() > give_up:
+                        return  # never acknowledged: not the checker's business
+                    await asyncio.sleep(0.05)
+                    continue
+                now = loop.time()
+                self.slowest_add = max(self.slowest_add, now - t)
+                self.acknowledged.append(job_id)
+                self.acked_at[job_id] = time.monotonic()
+                break
+            next_at = max(next_at + period, loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+
+    def after(self, t: float) -> list[str]:
+        """Ids acknowledged after ``t`` (monotonic)."""
+        return [i for i in self.acknowledged if self.acked_at[i] > t]
+
+
+def progressed(client: redis.Redis, key: str, by: int) -> Callable[[], bool]:
+    """A predicate: the sorted set ``key`` (e.g. a queue's ``completed``) grew by ``by`` from now."""
+    start = int(client.zcard(key))
+    return lambda: int(client.zcard(key)) >= start + by
+
+
+def elapsed(since: float, seconds: float) -> Callable[[], bool]:
+    """A predicate: ``seconds`` have passed since ``since`` (monotonic): for holding a fault that long."""
+    return lambda: time.monotonic() - since >= seconds
+
+
+async def poll(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> float:
+    """Poll ``predicate`` (sync or async) until it is truthy; return when (monotonic), or raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
