@@ -181,6 +181,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._fast = False
         self._runners: list[_QueueRunner] = []
+        self._acks_closed = False
 
     # -- control -----------------------------------------------------------------------------------------
 
@@ -258,6 +259,12 @@ class Worker:
             await self._drain()
         finally:
             await _cancel_until_done(background)
+            self._acks_closed = True
+            for r in self._runners:
+                for _, _, fut in r.pending_acks:
+                    if not fut.done():
+                        fut.set_result(False)
+                r.pending_acks.clear()
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -365,6 +372,9 @@ class Worker:
     # -- running -----------------------------------------------------------------------------------------
 
     def _start(self, r: _QueueRunner, d: _Delivery) -> None:
+        # A job can come back to this worker while an earlier delivery of it still runs here (its lease was
+        # lost and its handler ignored the cancel): the new delivery takes the slot in in_flight, and the
+        # old one's cleanup must not remove it (see _run_job).
         r.in_flight[d.id] = d
         r.idle.clear()
         d.task = asyncio.create_task(self._run_job(r, d), name=f"qflow-job-{d.id}")
@@ -390,8 +400,8 @@ class Worker:
         except Exception:
             log.exception("internal error while running job %s:%s", r.queue.name, d.id)
         finally:
-            if d.cancel_reason != "release":
-                r.in_flight.pop(d.id, None)
+            if d.cancel_reason != "release" and r.in_flight.get(d.id) is d:
+                del r.in_flight[d.id]
             r.slots.give(1)
             if not r.in_flight:
                 r.idle.set()
@@ -470,6 +480,8 @@ class Worker:
             await self._fail(r, d, info, spent=True)
 
     async def _complete(self, r: _QueueRunner, d: _Delivery, proc: Processor[Any, Any], result: Any) -> None:
+        if d.cancel_reason is not None or self._acks_closed:
+            return  # released or lost while the handler ignored its cancel: the outcome is not ours to record
         try:
             data = _codec.encode_payload(
                 result,
@@ -582,6 +594,8 @@ class Worker:
     async def _fail(
         self, r: _QueueRunner, d: _Delivery, info: _codec.ErrorInfo, *, spent: bool = True
     ) -> None:
+        if d.cancel_reason is not None or self._acks_closed:
+            return
         k = r.keys
         ret = r.queue.retention
         keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
@@ -615,6 +629,8 @@ class Worker:
             self._stale(r, d, "fail")
 
     async def _retry(self, r: _QueueRunner, d: _Delivery, delay: float, info: _codec.ErrorInfo) -> None:
+        if d.cancel_reason is not None or self._acks_closed:
+            return
         k = r.keys
         keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
         argv = [d.raw, d.token, int(delay * 1000), _codec.encode_error(info)]
@@ -644,28 +660,31 @@ class Worker:
             return
         renew = script("renew")
         lease_ms = int(self.settings.lease_ttl * 1000)
-        calls: list[tuple[_QueueRunner, list[str], list[Any]]] = []
+        calls: list[tuple[_QueueRunner, list[str], list[Any], dict[bytes, _Delivery]]] = []
         for r in runners:
             argv: list[Any] = [lease_ms]
-            for d in r.in_flight.values():
+            sent = {d.raw: d for d in r.in_flight.values()}
+            for d in sent.values():
                 argv += [d.raw, d.token]
-            calls.append((r, [r.keys.active, r.keys.tokens], argv))
+            calls.append((r, [r.keys.active, r.keys.tokens], argv, sent))
         client = self.app.redis()
         try:
             async with client.pipeline(transaction=False) as pipe:
-                for _, keys, argv in calls:
+                for _, keys, argv, _ in calls:
                     pipe.execute_command("EVALSHA", renew.sha, len(keys), *keys, *argv)
                 results = await pipe.execute(raise_on_error=False)
         except (rexc.ConnectionError, rexc.TimeoutError) as exc:
             raise BrokerUnavailable(f"Redis did not answer lease renewal: {exc}") from exc
-        for (r, keys, argv), lost in zip(calls, results, strict=True):
+        for (r, keys, argv, sent), lost in zip(calls, results, strict=True):
             if isinstance(lost, rexc.NoScriptError):
                 lost = await renew(client, keys, argv)
             elif isinstance(lost, Exception):
                 raise lost
             cancelled = []
             for raw in lost:
-                lost_d = r.in_flight.get(raw.decode("utf-8", "surrogateescape"))
+                # The delivery whose token was sent: the job may have been claimed again meanwhile, and that
+                # newer delivery (another token) must not be cancelled for its predecessor's lost lease.
+                lost_d = sent.get(raw)
                 # A delivery whose ack is on its way lost its token to that ack, not to another worker.
                 if lost_d is not None and not lost_d.finishing:
                     cancelled.append(lost_d.id)
