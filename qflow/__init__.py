@@ -14,6 +14,7 @@ from ._settings import WorkerSettings as WorkerSettings
 from ._state import Backoff as Backoff
 from ._state import State as State
 from ._worker import Worker as Worker
+from .exceptions import BrokerFull as BrokerFull
 from .exceptions import BrokerUnavailable as BrokerUnavailable
 from .exceptions import ConfigurationError as ConfigurationError
 from .exceptions import JobFailed as JobFailed
@@ -29,6 +30,7 @@ from .exceptions import UnknownJobName as UnknownJobName
 __all__ = (
     "App",
     "Backoff",
+    "BrokerFull",
     "BrokerUnavailable",
     "ConfigurationError",
     "Job",

@@ -15,9 +15,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from .exceptions import BrokerUnavailable, SchemaMismatch
+from .exceptions import BrokerFull, BrokerUnavailable, SchemaMismatch
 
-__all__ = ("SCRIPT_NAMES", "Script", "command", "load_source", "script")
+__all__ = ("SCRIPT_NAMES", "Script", "command", "load_all", "load_source", "script")
 
 SCRIPT_NAMES = (
     "add",
@@ -70,6 +70,11 @@ class Script:
                 return await command(client, "EVAL", self.source, len(keys), *keys, *args)
         except (rexc.ConnectionError, rexc.TimeoutError) as exc:
             raise BrokerUnavailable(f"Redis did not answer script {self.name!r}: {exc}") from exc
+        except rexc.OutOfMemoryError as exc:
+            raise BrokerFull(
+                f"Redis refused script {self.name!r}: maxmemory reached ({exc}); nothing was written. Let "
+                "workers drain the queues, lower retention, or raise maxmemory; retrying later is safe"
+            ) from exc
         except rexc.ResponseError as exc:
             msg = str(exc)
             if "QFLOW_SCHEMA" in msg:
@@ -78,6 +83,17 @@ class Script:
                     "different one: upgrade the older side, or migrate the queue"
                 ) from exc
             raise
+
+
+async def load_all(client: aioredis.Redis) -> None:
+    """Load every script in one round trip, so the first call of each is not a NOSCRIPT miss."""
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for name in SCRIPT_NAMES:
+                pipe.script_load(script(name).source)
+            await pipe.execute()
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer SCRIPT LOAD: {exc}") from exc
 
 
 @cache

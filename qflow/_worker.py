@@ -35,11 +35,11 @@ from redis import exceptions as rexc
 from . import _codec
 from ._keys import QueueKeys
 from ._queue import Job, Queue
-from ._scripts import command, script
+from ._scripts import command, load_all, script
 from ._servercheck import check_server
 from ._settings import WorkerSettings
 from ._state import decide_after_error
-from .exceptions import BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
+from .exceptions import BrokerFull, BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
 
 if TYPE_CHECKING:
     from ._app import App
@@ -223,6 +223,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._runners = [_QueueRunner(q, self._concurrency) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
+        await load_all(self.app.redis())
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -295,6 +296,16 @@ class Worker:
         k = r.keys
         claim = script("claim")
         lease_ms = int(self.settings.lease_ttl * 1000)
+        # The envelope adds the name and options to the payload: allow a margin over max_payload_bytes.
+        max_envelope = self.app.max_payload_bytes + 64 * 1024
+        too_large = _codec.encode_error(
+            _codec.ErrorInfo(
+                type="PayloadTooLarge",
+                message=f"stored job is over {max_envelope:,} bytes (max_payload_bytes "
+                f"{self.app.max_payload_bytes:,} + 64 KiB of envelope); it was written around add()",
+                kind="payload",
+            )
+        )
         failures = 0
         while not stop.is_set():
             n = await r.slots.take(self.settings.claim_batch, stop)
@@ -313,11 +324,14 @@ class Worker:
                         k.attempts,
                         k.stalls,
                         k.seq,
+                        k.failed,
+                        k.errors,
+                        k.stats,
                     ],
-                    [n, lease_ms, 1000],
+                    [n, lease_ms, 1000, max_envelope, too_large],
                 )
                 failures = 0
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, BrokerFull) as exc:
                 r.slots.give(n)
                 failures += 1
                 log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
@@ -351,9 +365,10 @@ class Worker:
             waits.append(r.idle.wait())
         try:
             await _wait_first(*waits)
-        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        except (rexc.ConnectionError, rexc.TimeoutError, rexc.ResponseError) as exc:
+            # ResponseError: e.g. OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
-            await _wait_first(self._stop.wait(), asyncio.sleep(0.2))
+            await _wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
 
     async def _drained(self, r: _QueueRunner) -> bool:
         if r.in_flight:
@@ -677,7 +692,8 @@ class Worker:
             raise BrokerUnavailable(f"Redis did not answer lease renewal: {exc}") from exc
         for (r, keys, argv, sent), lost in zip(calls, results, strict=True):
             if isinstance(lost, rexc.NoScriptError):
-                lost = await renew(client, keys, argv)
+                # Send the source at once (not the SHA again): one extra round trip, not two.
+                lost = await command(client, "EVAL", renew.source, len(keys), *keys, *argv)
             elif isinstance(lost, Exception):
                 raise lost
             cancelled = []

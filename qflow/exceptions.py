@@ -8,6 +8,7 @@
     │   └── PayloadTooLarge         encoded payload over ``max_payload_bytes``
     ├── UnknownJobName              ``add`` names no processor registered on that queue
     ├── BrokerUnavailable           Redis unreachable or silent past the socket timeout
+    ├── BrokerFull                  Redis refused a write: maxmemory reached (noeviction)
     ├── SchemaMismatch              the queue's data was written by an incompatible qflow
     ├── JobNotFound                 no job with that id (never added, or trimmed by retention)
     ├── JobFailed                   ``Job.result()`` on a job that ended in ``failed``
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 __all__ = (
+    "BrokerFull",
     "BrokerUnavailable",
     "ConfigurationError",
     "JobFailed",
@@ -55,6 +57,13 @@ class UnknownJobName(QflowError, LookupError):
 
 class BrokerUnavailable(QflowError, ConnectionError):
     """Redis could not be reached, or did not answer within the socket timeout."""
+
+
+class BrokerFull(QflowError):
+    """Redis refused a write because it reached ``maxmemory`` (policy ``noeviction``); nothing was written.
+
+    Free memory (let workers drain the queues, lower retention) or raise ``maxmemory``; retry later.
+    """
 
 
 class SchemaMismatch(QflowError):

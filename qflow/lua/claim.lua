@@ -2,7 +2,11 @@
 --
 -- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
 -- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
+-- KEYS[10] failed KEYS[11] errors   KEYS[12] stats   (10-12 only needed with ARGV[4])
 -- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
+-- ARGV[4] largest envelope a worker accepts, bytes (optional)   ARGV[5] encoded error for a larger one
+-- A job whose envelope is larger fails here (kind "payload") instead of travelling: one huge reply would
+-- outlast the leases of every job claimed with it (tests/faults: a 50 MB job took its batch down).
 -- Returns: { ms until the next delayed job is due (-1: none), waiting jobs left, packed jobs }
 --   packed jobs: one string, per job a 20-byte head struct '>I4I4I4I4I4' (id length, token length, envelope
 --   length, attempts spent, stalls) then the id, token and envelope bytes. One reply element for the whole
@@ -27,8 +31,18 @@ local ids = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if ids then
   local last = redis.call('INCRBY', KEYS[9], #ids)
   local deadline = now + tonumber(ARGV[2])
+  local largest = tonumber(ARGV[4])
   for i, id in ipairs(ids) do
-    local env = redis.call('HGET', KEYS[4], id)
+    local env = false
+    if largest and redis.call('HSTRLEN', KEYS[4], id) > largest then
+      redis.call('HSET', KEYS[5], id, 'failed')
+      redis.call('HSET', KEYS[11], id, ARGV[5])
+      redis.call('ZADD', KEYS[10], now, id)
+      redis.call('HINCRBY', KEYS[12], 'failed', 1)
+    else
+      env = redis.call('HGET', KEYS[4], id)
+      if not env then redis.call('HDEL', KEYS[5], id) end
+    end
     if env then
       local token = tostring(last - #ids + i)
       redis.call('ZADD', KEYS[2], deadline, id)
@@ -37,8 +51,6 @@ if ids then
       local attempts = tonumber(redis.call('HGET', KEYS[7], id) or '0')
       local stalls = tonumber(redis.call('HGET', KEYS[8], id) or '0')
       packed[#packed + 1] = struct.pack('>I4I4I4I4I4', #id, #token, #env, attempts, stalls) .. id .. token .. env
-    else
-      redis.call('HDEL', KEYS[5], id)
     end
   end
 end

@@ -10,6 +10,8 @@
 -- Returns: {-1} if another checker holds the interval, else {recovered, failed, ids...}.
 --!include _lib.lua
 
+-- First write not deny-oom, so recovery still runs at maxmemory (see renew.lua).
+redis.call('HDEL', KEYS[2], '')
 if not redis.call('SET', KEYS[8], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then return {-1} end
 local now = now_ms()
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))

@@ -6,6 +6,10 @@
 -- cancels those handlers, since their acks would be rejected anyway.
 --!include _lib.lua
 
+-- A first write that is not deny-oom (HDEL of a field that never exists): at maxmemory, Redis refuses a
+-- script whose first write is deny-oom, and lets it run once it has written. Renewals must go on at
+-- maxmemory, or running jobs lose their leases (tests/faults: test_worker_rides_out_maxmemory...).
+redis.call('HDEL', KEYS[2], '')
 local now = now_ms()
 local deadline = now + tonumber(ARGV[1])
 local lost = {}

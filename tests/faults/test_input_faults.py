@@ -70,14 +70,6 @@ async def test_50mb_job_injected_into_redis_neither_crashes_the_worker_nor_loses
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: one oversized job takes the jobs claimed with it down: claim.lua ships the 50 MB "
-    "envelope in the claim reply (0.9 s to arrive on this box), the batch's leases, started on the server "
-    "at the claim, lapse before the worker holds them; every ack is rejected, the batch is recovered and "
-    "claimed together again, until all fail as 'stalled' without one recorded run (DESIGN guarantee 7). "
-    "Fix: in claim.lua, fail (or hold back) envelopes over max_payload_bytes via HSTRLEN, not return them",
-)
 async def test_50mb_job_does_not_take_the_jobs_claimed_with_it_down(
     fault_workers: FaultWorkers, producer: qflow.Queue, direct: redis.Redis
 ) -> None:

@@ -249,13 +249,6 @@ async def test_200ms_latency_makes_no_lease_lapse(
     assert snap.stats.get("stale_acks", 0) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (latency): a renewal whose script the server lacks (fresh server, restart, SCRIPT FLUSH) "
-    "asks twice: renew_leases' pipeline gets NOSCRIPT, then falls back to Script.__call__, which tries "
-    "EVALSHA again before EVAL: 3 round trips. Under 200 ms latency each way that made 2 s leases lapse "
-    "for the first jobs (7 and 10 spurious stalls + duplicates in two runs; 0 with the scripts preloaded)",
-)
 async def test_renewal_without_its_script_reloads_it_in_one_extra_round_trip(
     server: ValkeyServer, fault_workers: FaultWorkers, producer: qflow.Queue, direct: redis.Redis
 ) -> None:

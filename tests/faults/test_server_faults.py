@@ -367,12 +367,6 @@ async def test_add_at_maxmemory_fails_fast_and_writes_nothing(
     assert await job.status() == qflow.State.WAITING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an add refused for maxmemory raises redis.exceptions.OutOfMemoryError, not a QflowError "
-    "(qflow's error tree has no room for it; callers catching QflowError miss it): map it, e.g. to a new "
-    "QueueFull(QflowError) whose message names maxmemory and the fix",
-)
 async def test_add_at_maxmemory_raises_a_qflow_error(
     server: ValkeyServer, producer: qflow.Queue, direct: redis.Redis
 ) -> None:
@@ -382,14 +376,6 @@ async def test_add_at_maxmemory_raises_a_qflow_error(
     assert isinstance(refused, qflow.QflowError), repr(refused)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: at maxmemory (noeviction) the worker's fetcher dies: BLMOVE is a deny-oom command and "
-    "_wait_for_work only catches ConnectionError/TimeoutError, so OutOfMemoryError ends Worker.run (the "
-    "process exits 1). Also renew.lua and recover.lua are refused (their first write, ZADD XX / SET NX, is "
-    "deny-oom) while claim, complete and release pass: leases of running jobs lapse, their completions are "
-    "then rejected",
-)
 async def test_worker_rides_out_maxmemory_and_drops_nothing(
     server: ValkeyServer, fault_workers: FaultWorkers, producer: qflow.Queue, direct: redis.Redis
 ) -> None:
