@@ -253,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("which", metavar="module:app|PID", help="the supervisor: its target, or its pid")
     s.add_argument("count", metavar="N", nargs="?", help="processes wanted: N, +K or -K (none: show them)")
     s.add_argument("--wait", action="store_true", help="return once the count is reached (up to 60 s)")
+
+    srv = sub.add_parser(
+        "server",
+        parents=[as_json, common],
+        help="the project's embedded Valkey server (used when no Redis URL is configured)",
+        description="Show, start or stop the embedded server of this project: data and unix socket under "
+        "QFLOW_HOME or ./.qflow. Stopping writes its AOF first; the next process that needs it starts it.",
+    )
+    srv.add_argument("action", choices=["status", "start", "stop"], help="what to do")
+    srv.add_argument(
+        "--home", metavar="DIR", help="the project's qflow directory (default: QFLOW_HOME or ./.qflow)"
+    )
     return parser
 
 
@@ -329,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         configure_logging(
             args.log_level, "supervisor" if args.command == "worker" and not args.in_process else "qflow"
         )
-    from ._commands import cmd_info, cmd_jobs, cmd_scale, cmd_status
+    from ._commands import cmd_info, cmd_jobs, cmd_scale, cmd_server, cmd_status
 
     commands: dict[str, Callable[[argparse.Namespace], ExitCode]] = {
         "worker": cmd_worker,
@@ -337,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         "info": cmd_info,
         "jobs": cmd_jobs,
         "scale": cmd_scale,
+        "server": cmd_server,
     }
     try:
         code = commands[args.command](args)

@@ -346,3 +346,35 @@ def _control(path: Path) -> dict[str, Any]:
     from ._control import control_request
 
     return control_request(path, {"cmd": "status"})
+
+
+def cmd_server(args: argparse.Namespace) -> ExitCode:
+    """``qflow server status|start|stop``: the project's embedded Valkey server."""
+    from . import _embedded
+
+    server = _embedded.server_for(args.home)
+    if args.action == "start":
+        started = _embedded.ensure_running(server)
+    elif args.action == "stop":
+        was_running = _embedded.stop(server)
+        if args.json:
+            _print_json({"home": str(server.home), "stopped": was_running})
+        else:
+            sys.stdout.write(f"{'stopped' if was_running else 'not running'} (data in {server.home})\n")
+        return ExitCode.OK
+    pid = server.pid()
+    running = pid is not None and server.answers()
+    info = {
+        "home": str(server.home),
+        "socket": str(server.socket),
+        "url": server.url,
+        "pid": pid,
+        "running": running,
+        "started_now": args.action == "start" and started,
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        state = f"running, pid {pid}" if running else "not running"
+        sys.stdout.write(f"embedded Valkey: {state}\n  data:   {server.home}\n  socket: {server.socket}\n")
+    return ExitCode.OK if running else ExitCode.NOT_FOUND

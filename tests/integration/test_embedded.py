@@ -117,3 +117,30 @@ def test_embedded_off_and_no_url_is_a_clear_configuration_error(
     with pytest.raises(qflow.ConfigurationError, match="QFLOW_REDIS_URL"):
         _ = qflow.App().url
     assert not _embedded.server_for(home).home.exists()
+
+
+def test_qflow_server_status_stop_and_restart_on_next_use(home: Path) -> None:
+    """`qflow server status|stop` report and stop the server; the next run restarts it, the job kept."""
+
+    def qflow_server(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qflow", "server", *args, "--home", str(home)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert qflow_server("status").returncode == 6  # ExitCode.NOT_FOUND: nothing started yet
+    assert _run(ADD, home).returncode == 0
+    status = qflow_server("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert '"running": true' in status.stdout
+    stopped = qflow_server("stop")
+    assert stopped.returncode == 0
+    assert stopped.stdout.startswith("stopped")
+    assert _embedded.server_for(home).pid() is None
+    again = _run(ADD, home)
+    assert again.returncode == 0, again.stderr
+    assert "started the embedded Valkey server" in again.stderr
+    assert "'waiting': 1" in again.stdout  # the job added before the stop survived it (AOF)
