@@ -23,9 +23,8 @@ import os
 import random
 import signal
 import socket
-import struct
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,7 +32,8 @@ import anyio.to_thread
 from redis import exceptions as rexc
 
 from . import _codec
-from ._keys import QueueKeys
+from ._aio import as_coro, cancel_until_done, wait_first
+from ._deliveries import Delivery, QueueRunner, unpack_claimed
 from ._queue import Job, Queue
 from ._scripts import command, load_all, script
 from ._servercheck import check_server
@@ -50,74 +50,6 @@ __all__ = ("Worker",)
 log = logging.getLogger(__name__)
 
 _RELEASE_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is released anyway
-
-
-class _Slots:
-    """A counter of free job slots; the fetcher takes several at once, handlers give them back one by one."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._event = asyncio.Event()
-        self._event.set()
-
-    async def take(self, most: int, stop: asyncio.Event) -> int:
-        while self.free == 0 and not stop.is_set():
-            self._event.clear()
-            await _wait_first(self._event.wait(), stop.wait())
-        if stop.is_set():
-            return 0
-        n = min(self.free, most)
-        self.free -= n
-        return n
-
-    def give(self, n: int = 1) -> None:
-        self.free += n
-        self._event.set()
-
-
-class _Delivery:
-    """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
-
-    __slots__ = (
-        "attempts", "cancel_reason", "envelope", "finishing", "id", "notify", "raw", "stalls", "task",
-        "token",
-    )  # fmt: skip
-
-    def __init__(
-        self, raw: bytes, token: bytes, envelope: bytes, attempts: int, stalls: int, keys: QueueKeys
-    ):
-        # Ids go back to Redis as the exact bytes the claim returned: a raw write can make an id that is not
-        # UTF-8, and it must neither crash the worker nor address another job.
-        self.raw = raw
-        self.id = raw.decode("utf-8", "surrogateescape")
-        self.notify = keys.notify(self.id).encode("utf-8", "surrogateescape")
-        self.token = token
-        self.envelope = envelope
-        self.attempts = attempts
-        self.stalls = stalls
-        self.task: asyncio.Task[None] | None = None
-        self.cancel_reason: str | None = None
-        self.finishing = False  # an ack (complete/fail/retry) is on its way: a renewal may race with it
-
-
-class _QueueRunner:
-    """Per-queue state of a worker: processors, slots, deliveries in flight, pending acks."""
-
-    def __init__(self, queue: Queue, concurrency: int | None) -> None:
-        self.queue = queue
-        self.keys = queue.keys
-        self.concurrency = {
-            name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
-        }
-        self.semaphores = {name: asyncio.Semaphore(n) for name, n in self.concurrency.items()}
-        self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
-        self.slots = _Slots(sum(self.concurrency.values()))
-        self.in_flight: dict[str, _Delivery] = {}
-        self.pending_acks: list[tuple[_Delivery, bytes, asyncio.Future[bool]]] = []
-        self.ack_event = asyncio.Event()
-        self.idle = asyncio.Event()
-        self.idle.set()
 
 
 class Worker:
@@ -180,7 +112,7 @@ class Worker:
         """Settings of the server that weaken a guarantee (AOF off, an evicting policy), found at start."""
         self._stop: asyncio.Event | None = None
         self._fast = False
-        self._runners: list[_QueueRunner] = []
+        self._runners: list[QueueRunner] = []
         self._acks_closed = False
 
     # -- control -----------------------------------------------------------------------------------------
@@ -221,7 +153,7 @@ class Worker:
     async def run(self, *, handle_signals: bool = False) -> None:
         """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
         self._stop = asyncio.Event()
-        self._runners = [_QueueRunner(q, self._concurrency) for q in self.queues]
+        self._runners = [QueueRunner(q, self._concurrency) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
         await load_all(self.app.redis())
         loop = asyncio.get_running_loop()
@@ -237,7 +169,7 @@ class Worker:
         try:
             background.append(asyncio.create_task(self._renew_loop(), name="qflow-renew"))
             background += [
-                asyncio.create_task(_as_coro(companion(self)), name=f"qflow-companion-{i}")
+                asyncio.create_task(as_coro(companion(self)), name=f"qflow-companion-{i}")
                 for i, companion in enumerate(self.companions)
             ]
             background += [
@@ -256,10 +188,10 @@ class Worker:
             try:
                 await asyncio.gather(*fetchers)
             finally:
-                await _cancel_until_done(fetchers)
+                await cancel_until_done(fetchers)
             await self._drain()
         finally:
-            await _cancel_until_done(background)
+            await cancel_until_done(background)
             self._acks_closed = True
             for r in self._runners:
                 for _, _, fut in r.pending_acks:
@@ -289,7 +221,7 @@ class Worker:
 
     # -- fetching ----------------------------------------------------------------------------------------
 
-    async def _fetch_loop(self, r: _QueueRunner) -> None:
+    async def _fetch_loop(self, r: QueueRunner) -> None:
         assert self._stop is not None
         stop = self._stop
         client = self.app.redis()
@@ -335,12 +267,12 @@ class Worker:
                 r.slots.give(n)
                 failures += 1
                 log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
-                await _wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
+                await wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
                 continue
             next_due_ms, waiting = int(res[0]), int(res[1])
             got = 0
-            for raw_id, token, envelope, attempts, stalls in _unpack_claimed(res[2]):
-                self._start(r, _Delivery(raw_id, token, envelope, attempts, stalls, k))
+            for raw_id, token, envelope, attempts, stalls in unpack_claimed(res[2]):
+                self._start(r, Delivery(raw_id, token, envelope, attempts, stalls, k))
                 got += 1
             if got < n:
                 r.slots.give(n - got)
@@ -355,7 +287,7 @@ class Worker:
                 continue
             await self._wait_for_work(r, timeout)
 
-    async def _wait_for_work(self, r: _QueueRunner, timeout: float) -> None:
+    async def _wait_for_work(self, r: QueueRunner, timeout: float) -> None:
         """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
         assert self._stop is not None
         client = self.app.redis()
@@ -364,13 +296,13 @@ class Worker:
         if self.burst and r.in_flight:
             waits.append(r.idle.wait())
         try:
-            await _wait_first(*waits)
+            await wait_first(*waits)
         except (rexc.ConnectionError, rexc.TimeoutError, rexc.ResponseError) as exc:
             # ResponseError: e.g. OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
-            await _wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
+            await wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
 
-    async def _drained(self, r: _QueueRunner) -> bool:
+    async def _drained(self, r: QueueRunner) -> bool:
         if r.in_flight:
             return False
         k = r.keys
@@ -386,7 +318,7 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------------------------
 
-    def _start(self, r: _QueueRunner, d: _Delivery) -> None:
+    def _start(self, r: QueueRunner, d: Delivery) -> None:
         # A job can come back to this worker while an earlier delivery of it still runs here (its lease was
         # lost and its handler ignored the cancel): the new delivery takes the slot in in_flight, and the
         # old one's cleanup must not remove it (see _run_job).
@@ -394,13 +326,13 @@ class Worker:
         r.idle.clear()
         d.task = asyncio.create_task(self._run_job(r, d), name=f"qflow-job-{d.id}")
 
-    def _cancel(self, d: _Delivery, reason: str) -> None:
+    def _cancel(self, d: Delivery, reason: str) -> None:
         if d.cancel_reason is None:
             d.cancel_reason = reason
         if d.task is not None and not d.task.done():
             d.task.cancel()
 
-    async def _run_job(self, r: _QueueRunner, d: _Delivery) -> None:
+    async def _run_job(self, r: QueueRunner, d: Delivery) -> None:
         try:
             await self._execute(r, d)
             self.jobs_handled += 1
@@ -421,7 +353,7 @@ class Worker:
             if not r.in_flight:
                 r.idle.set()
 
-    async def _execute(self, r: _QueueRunner, d: _Delivery) -> None:
+    async def _execute(self, r: QueueRunner, d: Delivery) -> None:
         q = r.queue
         try:
             env = _codec.decode_envelope(d.envelope)
@@ -494,7 +426,7 @@ class Worker:
             )
             await self._fail(r, d, info, spent=True)
 
-    async def _complete(self, r: _QueueRunner, d: _Delivery, proc: Processor[Any, Any], result: Any) -> None:
+    async def _complete(self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any], result: Any) -> None:
         if d.cancel_reason is not None or self._acks_closed:
             return  # released or lost while the handler ignored its cancel: the outcome is not ours to record
         try:
@@ -514,7 +446,7 @@ class Worker:
             self.jobs_done += 1
 
     async def _call(
-        self, r: _QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
+        self, r: QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
     ) -> Any:
         if proc.is_async:
             fn = typing.cast("Callable[[Job[Any]], Awaitable[Any]]", proc.fn)
@@ -536,7 +468,7 @@ class Worker:
 
     # -- acking ------------------------------------------------------------------------------------------
 
-    async def _ack_loop(self, r: _QueueRunner) -> None:
+    async def _ack_loop(self, r: QueueRunner) -> None:
         client = self.app.redis()
         k = r.keys
         ret = r.queue.retention
@@ -596,7 +528,7 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _stale(self, r: _QueueRunner, d: _Delivery, what: str) -> None:
+    def _stale(self, r: QueueRunner, d: Delivery, what: str) -> None:
         self.stale_acks += 1
         log.warning(
             "%s of job %s:%s rejected: its lease expired and the job was recovered "
@@ -606,9 +538,7 @@ class Worker:
             d.id,
         )
 
-    async def _fail(
-        self, r: _QueueRunner, d: _Delivery, info: _codec.ErrorInfo, *, spent: bool = True
-    ) -> None:
+    async def _fail(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo, *, spent: bool = True) -> None:
         if d.cancel_reason is not None or self._acks_closed:
             return
         k = r.keys
@@ -643,7 +573,7 @@ class Worker:
         if not ok:
             self._stale(r, d, "fail")
 
-    async def _retry(self, r: _QueueRunner, d: _Delivery, delay: float, info: _codec.ErrorInfo) -> None:
+    async def _retry(self, r: QueueRunner, d: Delivery, delay: float, info: _codec.ErrorInfo) -> None:
         if d.cancel_reason is not None or self._acks_closed:
             return
         k = r.keys
@@ -675,7 +605,7 @@ class Worker:
             return
         renew = script("renew")
         lease_ms = int(self.settings.lease_ttl * 1000)
-        calls: list[tuple[_QueueRunner, list[str], list[Any], dict[bytes, _Delivery]]] = []
+        calls: list[tuple[QueueRunner, list[str], list[Any], dict[bytes, Delivery]]] = []
         for r in runners:
             argv: list[Any] = [lease_ms]
             sent = {d.raw: d for d in r.in_flight.values()}
@@ -714,7 +644,7 @@ class Worker:
                     ", ".join(cancelled[:10]),
                 )
 
-    async def _check_loop(self, r: _QueueRunner) -> None:
+    async def _check_loop(self, r: QueueRunner) -> None:
         interval = self.settings.check_interval
         await asyncio.sleep(random.uniform(0, interval))
         while True:
@@ -792,7 +722,7 @@ class Worker:
                 self._cancel(d, "release")
         leftover = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
         if leftover:
-            pending = await _cancel_until_done(leftover, timeout=_RELEASE_GRACE)
+            pending = await cancel_until_done(leftover, timeout=_RELEASE_GRACE)
             if pending:
                 log.warning("%d handler(s) ignored cancellation; releasing their jobs anyway", len(pending))
         # Let the ackers flush what finished handlers queued.
@@ -806,7 +736,7 @@ class Worker:
                 await self._release(r, to_release)
             r.in_flight.clear()
 
-    async def _release(self, r: _QueueRunner, deliveries: list[_Delivery]) -> None:
+    async def _release(self, r: QueueRunner, deliveries: list[Delivery]) -> None:
         k = r.keys
         argv: list[Any] = []
         for d in deliveries:
@@ -827,69 +757,5 @@ class Worker:
         log.info("released %d unfinished job(s) on %s back to waiting", sum(flags), r.queue.name)
 
 
-_CLAIM_HEAD = struct.Struct(">IIIII")
-
-
-def _unpack_claimed(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int, int]]:
-    """Split claim.lua's packed reply into (id, token, envelope, attempts spent, stalls) per job."""
-    head = _CLAIM_HEAD
-    size = head.size
-    pos = 0
-    end = len(packed)
-    while pos < end:
-        id_len, token_len, env_len, attempts, stalls = head.unpack_from(packed, pos)
-        pos += size
-        raw_id = packed[pos : pos + id_len]
-        pos += id_len
-        token = packed[pos : pos + token_len]
-        pos += token_len
-        envelope = packed[pos : pos + env_len]
-        pos += env_len
-        yield raw_id, token, envelope, attempts, stalls
-
-
 class _HandlerTimeout(Exception):
     """The handler ran past its timeout (internal; recorded as a TimeoutError)."""
-
-
-async def _wait_first(*aws: Awaitable[Any]) -> None:
-    """Wait until the first awaitable finishes; cancel the rest. Re-raise its exception, if any."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await _cancel_until_done(tasks)
-    for t in done:
-        exc = t.exception()
-        if exc is not None:
-            raise exc
-
-
-async def _cancel_until_done(
-    tasks: Iterable[asyncio.Future[Any]], timeout: float | None = None
-) -> set[asyncio.Future[Any]]:
-    """Cancel ``tasks`` and wait for them, cancelling again until they finish; return those still running.
-
-    One ``cancel()`` is not always enough on Python 3.11: ``asyncio.wait_for`` (which redis-py uses to send
-    under a socket timeout) swallows a cancellation that arrives as the awaited send completes (bpo-42130,
-    fixed in 3.12). Measured here: about 1 in 3 cancels landing in a redis-py call vanished, and a stopped
-    worker then waited forever for its background loop. Cancelling again until done closes that window.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for t in pending:
-            t.cancel()
-        wait = 0.05 if deadline is None else min(0.05, deadline - loop.time())
-        if wait <= 0:
-            break
-        _, pending = await asyncio.wait(pending, timeout=wait)
-    for t in tasks:
-        if t.done() and not t.cancelled():
-            t.exception()  # retrieved: a loop that died is logged where it ran, not at garbage collection
-    return pending
-
-
-async def _as_coro(aw: Awaitable[None]) -> None:
-    await aw

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import qflow
+from qflow._deliveries import unpack_claimed
 from qflow._scripts import script
-from qflow._worker import _unpack_claimed
 from qflow.testing import FAST, drain
 
 
@@ -50,7 +50,7 @@ async def claim_as_dead_worker(q: qflow.Queue, lease_ms: int) -> list[bytes]:
         [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
         [10, lease_ms, 100],
     )
-    return [raw_id for raw_id, *_ in _unpack_claimed(res[2])]
+    return [raw_id for raw_id, *_ in unpack_claimed(res[2])]
 
 
 async def test_failed_attempts_are_retried_until_success(app: qflow.App) -> None:
@@ -315,7 +315,7 @@ async def test_ack_from_an_expired_lease_is_rejected_and_counted(app: qflow.App)
         [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
         [1, 0, 100],
     )
-    ((_, token, *_),) = _unpack_claimed(claim[2])
+    ((_, token, *_),) = unpack_claimed(claim[2])
     flags = await script("complete")(
         app.redis(),
         [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
