@@ -1,18 +1,18 @@
 """qflow's public errors, rooted at one class.
 
-::
-
-    QflowError
-    ├── ConfigurationError          bad settings (no Redis URL, invalid queue name, bad option value)
-    ├── PayloadError                a payload qflow will not enqueue or could not decode
-    │   └── PayloadTooLarge         encoded payload over ``max_payload_bytes``
-    ├── UnknownJobName              ``add`` names no processor registered on that queue
-    ├── BrokerUnavailable           Redis unreachable or silent past the socket timeout
-    ├── BrokerFull                  Redis refused a write: maxmemory reached (noeviction)
-    ├── SchemaMismatch              the queue's data was written by an incompatible qflow
-    ├── JobNotFound                 no job with that id (never added, or trimmed by retention)
-    ├── JobFailed                   ``Job.result()`` on a job that ended in ``failed``
-    └── ResultTimeout               ``Job.result(timeout=)`` ran out (also a ``TimeoutError``)
+```text
+QflowError
+├── ConfigurationError          bad settings (no Redis URL, invalid queue name, bad option value)
+├── PayloadError                a payload qflow will not enqueue or could not decode
+│   └── PayloadTooLarge         encoded payload over ``max_payload_bytes``
+├── UnknownJobName              ``add`` names no processor registered on that queue
+├── BrokerUnavailable           Redis unreachable or silent past the socket timeout
+├── BrokerFull                  Redis refused a write: maxmemory reached (noeviction)
+├── SchemaMismatch              the queue's data was written by an incompatible qflow
+├── JobNotFound                 no job with that id (never added, or trimmed by retention)
+├── JobFailed                   ``Job.result()`` on a job that ended in ``failed``
+└── ResultTimeout               ``Job.result(timeout=)`` ran out (also a ``TimeoutError``)
+```
 
 ``Retry`` is not an error users catch: a processor raises it to ask for another attempt after a delay.
 """
