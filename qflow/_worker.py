@@ -426,9 +426,14 @@ class Worker:
             )
             await self._fail(r, d, info, spent=True)
 
+    def _may_ack(self, d: Delivery) -> bool:
+        """False for a delivery released or lost while its handler ignored the cancel, or after the worker
+        stopped: its outcome is not ours to record (the job is back in Redis or owned by another delivery)."""
+        return d.cancel_reason is None and not self._acks_closed
+
     async def _complete(self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any], result: Any) -> None:
-        if d.cancel_reason is not None or self._acks_closed:
-            return  # released or lost while the handler ignored its cancel: the outcome is not ours to record
+        if not self._may_ack(d):
+            return
         try:
             data = _codec.encode_payload(
                 result,
@@ -539,7 +544,7 @@ class Worker:
         )
 
     async def _fail(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo, *, spent: bool = True) -> None:
-        if d.cancel_reason is not None or self._acks_closed:
+        if not self._may_ack(d):
             return
         k = r.keys
         ret = r.queue.retention
@@ -574,7 +579,7 @@ class Worker:
             self._stale(r, d, "fail")
 
     async def _retry(self, r: QueueRunner, d: Delivery, delay: float, info: _codec.ErrorInfo) -> None:
-        if d.cancel_reason is not None or self._acks_closed:
+        if not self._may_ack(d):
             return
         k = r.keys
         keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
