@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,35 +22,69 @@ __all__ = ("Delivery", "QueueRunner", "Slots", "unpack_claimed")
 
 
 class Slots:
-    """A counter of free job slots; the fetcher takes several at once, handlers give them back one by one."""
+    """The claim budget of one queue in one worker.
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
+    ``held`` counts claimed jobs whose handler has not finished. The fetcher may hold up to ``concurrency``
+    jobs plus ``ahead`` claimed ahead of time, so the next job is already here when a handler finishes
+    (the processor semaphores still bound what runs). ``ahead`` follows the handlers' average run time: a
+    job claimed ahead should start within ``window`` seconds, so long jobs get no claim-ahead at all and
+    never sit behind one another in this process while another worker is idle. A slot comes back when the
+    handler finishes, before its ack's round trip.
+    """
+
+    def __init__(self, concurrency: int, window: float) -> None:
+        self.concurrency = concurrency
+        self.window = window
+        self.held = 0
+        self.average: float | None = None
+        """Moving average of handler run time, seconds (None until a handler has finished)."""
         self._event = asyncio.Event()
         self._event.set()
 
-    async def take(self, most: int, stop: asyncio.Event) -> int:
-        while self.free == 0 and not stop.is_set():
+    @property
+    def ahead(self) -> int:
+        """Jobs this queue may claim beyond its concurrency right now."""
+        avg = self.average
+        if self.window <= 0 or avg is None:
+            return 0
+        if avg * self.concurrency <= self.window:
+            return self.concurrency
+        return min(self.concurrency, int(self.concurrency * self.window / avg))
+
+    def free(self) -> int:
+        """Jobs the fetcher may claim now."""
+        return max(0, self.concurrency + self.ahead - self.held)
+
+    async def take(self, most: int, stop: asyncio.Event, budget: Callable[[], int] | None = None) -> int:
+        """Wait for free slots (and a positive ``budget``, if given), then take up to ``most`` of them."""
+        while not stop.is_set():
+            n = min(self.free(), most)
+            if budget is not None:
+                n = min(n, budget())
+            if n > 0:
+                self.held += n
+                return n
             self._event.clear()
             await wait_first(self._event.wait(), stop.wait())
-        if stop.is_set():
-            return 0
-        n = min(self.free, most)
-        self.free -= n
-        return n
+        return 0
 
     def give(self, n: int = 1) -> None:
-        self.free += n
+        """Return ``n`` slots (handlers finished, or a claim brought fewer jobs than asked)."""
+        self.held -= n
         self._event.set()
+
+    def observe(self, seconds: float) -> None:
+        """Fold one handler's run time into the average that sizes the claim-ahead."""
+        avg = self.average
+        self.average = seconds if avg is None else avg + (seconds - avg) * 0.1
 
 
 class Delivery:
     """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
 
     __slots__ = (
-        "attempts", "cancel_reason", "envelope", "finishing", "id", "notify", "raw", "stalls", "task",
-        "token",
+        "attempts", "cancel_reason", "envelope", "finishing", "holds_slot", "id", "notify", "raw", "stalls",
+        "started", "task", "token",
     )  # fmt: skip
 
     def __init__(
@@ -68,12 +102,14 @@ class Delivery:
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         self.finishing = False  # an ack (complete/fail/retry) is on its way: a renewal may race with it
+        self.started = False  # the handler got its semaphore: a drain lets it finish (others are released)
+        self.holds_slot = True  # counted in Slots.held until the handler finishes
 
 
 class QueueRunner:
     """Per-queue state of a worker: processors, slots, deliveries in flight, pending acks."""
 
-    def __init__(self, queue: Queue, concurrency: int | None) -> None:
+    def __init__(self, queue: Queue, concurrency: int | None, prefetch_window: float) -> None:
         self.queue = queue
         self.keys = queue.keys
         self.concurrency = {
@@ -81,12 +117,18 @@ class QueueRunner:
         }
         self.semaphores = {name: asyncio.Semaphore(n) for name, n in self.concurrency.items()}
         self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
-        self.slots = Slots(sum(self.concurrency.values()))
+        self.slots = Slots(sum(self.concurrency.values()), prefetch_window)
         self.in_flight: dict[str, Delivery] = {}
         self.pending_acks: list[tuple[Delivery, bytes, asyncio.Future[bool]]] = []
         self.ack_event = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def free_slot(self, d: Delivery) -> None:
+        """The handler of ``d`` is done: its slot may take the next job while the ack is on its way."""
+        if d.holds_slot:
+            d.holds_slot = False
+            self.slots.give(1)
 
 
 _CLAIM_HEAD = struct.Struct(">IIIII")

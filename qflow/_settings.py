@@ -17,6 +17,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     - ``drain_timeout``: on a graceful stop, how long in-flight jobs may finish before they are released.
     - ``block_timeout``: how long an idle fetcher blocks on the server before looking again.
     - ``claim_batch``: most jobs one claim takes at once (bounded by free concurrency).
+    - ``prefetch_window``: claim-ahead. While handlers are short, a worker claims up to as many jobs again
+      as its concurrency ahead of time (leased and renewed like any other), sized so that a job claimed ahead
+      is expected to start within this many seconds; jobs that run longer get no claim-ahead at all. On a
+      graceful stop, claimed jobs that have not started are released at once. ``0`` turns it off.
     """
 
     lease_ttl: float = 30.0
@@ -25,6 +29,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout: float = 30.0
     block_timeout: float = 2.0
     claim_batch: int = 100
+    prefetch_window: float = 0.05
 
     def __post_init__(self) -> None:
         if self.lease_ttl < 0.3:
@@ -39,6 +44,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"block_timeout must be within 0.01..60 s, got {self.block_timeout!r}")
         if self.claim_batch < 1:
             raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
+        if not 0 <= self.prefetch_window <= 60:
+            raise ValueError(f"prefetch_window must be within 0..60 s, got {self.prefetch_window!r}")
 
 
 class RetentionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

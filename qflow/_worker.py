@@ -153,7 +153,8 @@ class Worker:
     async def run(self, *, handle_signals: bool = False) -> None:
         """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
         self._stop = asyncio.Event()
-        self._runners = [QueueRunner(q, self._concurrency) for q in self.queues]
+        window = self.settings.prefetch_window
+        self._runners = [QueueRunner(q, self._concurrency, window) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
         await load_all(self.app.redis())
         loop = asyncio.get_running_loop()
@@ -163,7 +164,7 @@ class Worker:
         log.info(
             "worker %s started: queues %s",
             self.id,
-            ", ".join(f"{r.queue.name}(c={r.slots.total})" for r in self._runners),
+            ", ".join(f"{r.queue.name}(c={r.slots.concurrency})" for r in self._runners),
         )
         background: list[asyncio.Task[None]] = []
         try:
@@ -238,9 +239,10 @@ class Worker:
                 kind="payload",
             )
         )
+        budget = None if self.max_jobs is None else self._job_budget
         failures = 0
         while not stop.is_set():
-            n = await r.slots.take(self.settings.claim_batch, stop)
+            n = await r.slots.take(self.settings.claim_batch, stop, budget)
             if n == 0:
                 break
             try:
@@ -276,9 +278,10 @@ class Worker:
                 got += 1
             if got < n:
                 r.slots.give(n - got)
-            if got or waiting:
+            if waiting:
                 continue
-            if self.burst and await self._drained(r):
+            # Nothing left to claim: block until a push (an empty claim round trip first would be wasted).
+            if self.burst and not got and await self._drained(r):
                 break
             timeout = self.settings.block_timeout
             if next_due_ms >= 0:
@@ -286,6 +289,11 @@ class Worker:
             if timeout <= 0:
                 continue
             await self._wait_for_work(r, timeout)
+
+    def _job_budget(self) -> int:
+        """With ``max_jobs``: jobs this worker may still claim (those it holds count as handled soon)."""
+        assert self.max_jobs is not None
+        return self.max_jobs - self.jobs_handled - self.in_flight
 
     async def _wait_for_work(self, r: QueueRunner, timeout: float) -> None:
         """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
@@ -335,6 +343,8 @@ class Worker:
     async def _run_job(self, r: QueueRunner, d: Delivery) -> None:
         try:
             await self._execute(r, d)
+            if d.cancel_reason is not None:
+                return  # released unstarted, after a stop
             self.jobs_handled += 1
             if self.max_jobs is not None and self.jobs_handled >= self.max_jobs and not self.stopping:
                 log.info("handled %d jobs (max_jobs): stopping to be recycled", self.jobs_handled)
@@ -349,7 +359,7 @@ class Worker:
         finally:
             if d.cancel_reason != "release" and r.in_flight.get(d.id) is d:
                 del r.in_flight[d.id]
-            r.slots.give(1)
+            r.free_slot(d)
             if not r.in_flight:
                 r.idle.set()
 
@@ -381,7 +391,16 @@ class Worker:
         backoff = env.backoff if env.backoff is not None else proc.backoff
         try:
             async with r.semaphores[proc.name]:
-                result = await self._call(r, proc, job, timeout)
+                if self.stopping:
+                    # Claimed ahead and not started before the stop: hand it back (no attempt spent).
+                    d.cancel_reason = "release"
+                    return
+                d.started = True
+                started = asyncio.get_running_loop().time()
+                try:
+                    result = await self._call(r, proc, job, timeout)
+                finally:
+                    r.slots.observe(asyncio.get_running_loop().time() - started)
         except asyncio.CancelledError:
             raise
         except _HandlerTimeout as exc:
@@ -445,6 +464,7 @@ class Worker:
             return
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         d.finishing = True
+        r.free_slot(d)
         r.pending_acks.append((d, data, fut))
         r.ack_event.set()
         if await fut:
@@ -574,6 +594,7 @@ class Worker:
         ]
         fail = script("fail")
         d.finishing = True
+        r.free_slot(d)
         ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
         if not ok:
             self._stale(r, d, "fail")
@@ -586,6 +607,7 @@ class Worker:
         argv = [d.raw, d.token, int(delay * 1000), _codec.encode_error(info)]
         retry = script("retry")
         d.finishing = True
+        r.free_slot(d)
         ok = await self._with_retries(lambda: retry(self.app.redis(), keys, argv))
         if not ok:
             self._stale(r, d, "retry")
@@ -718,6 +740,17 @@ class Worker:
 
     async def _drain(self) -> None:
         runners = self._runners
+        # Jobs claimed ahead that have not started go back at once, so other workers run them meanwhile.
+        for r in runners:
+            unstarted = [d for d in r.in_flight.values() if not d.started and not d.finishing]
+            for d in unstarted:
+                self._cancel(d, "release")
+            await cancel_until_done([d.task for d in unstarted if d.task is not None])
+            if unstarted:
+                await self._release(r, unstarted)
+                for d in unstarted:
+                    if r.in_flight.get(d.id) is d:
+                        del r.in_flight[d.id]
         tasks = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
         if tasks and not self._fast:
             log.info("draining %d in-flight job(s), up to %.1fs", len(tasks), self.settings.drain_timeout)

@@ -1,0 +1,77 @@
+"""Claim-ahead against a real server: short jobs are claimed ahead, unstarted ones go back on stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import qflow
+from qflow.testing import FAST
+
+from .test_worker_behaviour import wait_until
+
+
+async def test_claimed_ahead_job_is_released_at_once_on_stop_without_an_attempt(app: qflow.App) -> None:
+    """c=1: while one job runs, one more is claimed ahead; a stop hands that one back before the drain ends."""
+    q = app.queue("ahead")
+    gate = asyncio.Event()
+    blocked = asyncio.Event()
+    done: list[str] = []
+
+    @q.processor(concurrency=1)
+    async def work(job: qflow.Job[str]) -> None:
+        if job.payload == "block":
+            blocked.set()
+            await gate.wait()
+        done.append(job.payload)
+
+    worker = qflow.Worker(app, settings=FAST)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 5)
+    await q.add_bulk([qflow.JobSpec("work", f"warm{i}") for i in range(5)])
+    await wait_until(lambda: len(done) == 5)  # quick handlers: the worker now claims ahead
+    jobs = await q.add_bulk([qflow.JobSpec("work", p) for p in ("block", "next", "later1", "later2")])
+    block, nxt = jobs[0], jobs[1]
+    await asyncio.wait_for(blocked.wait(), 5)
+
+    async def two_held() -> bool:
+        return await app.redis().zcard(q.keys.active) == 2
+
+    await wait_until(two_held)
+    assert await nxt.status() == qflow.State.ACTIVE
+    assert "next" not in done
+
+    worker.stop()
+
+    async def released() -> bool:
+        return await nxt.status() == qflow.State.WAITING
+
+    await wait_until(released, timeout=2)  # while the running job still drains (drain timeout 5 s)
+    assert await block.status() == qflow.State.ACTIVE
+    assert not task.done()
+    assert await app.redis().hget(q.keys.attempts, nxt.id) is None
+    gate.set()
+    await asyncio.wait_for(task, 10)
+    assert await block.status() == qflow.State.COMPLETED
+    assert "next" not in done
+    assert [await j.status() for j in jobs[1:]] == [qflow.State.WAITING] * 3
+    assert await app.redis().zcard(q.keys.active) == 0
+    assert (await q.stats())["released"] == 1
+
+
+async def test_max_jobs_claims_no_more_than_it_will_run(app: qflow.App) -> None:
+    """With claim-ahead on, ``max_jobs=5`` handles exactly 5 and never claims (then releases) a sixth."""
+    q = app.queue("budget")
+
+    @q.processor(concurrency=2)
+    async def quick(job: qflow.Job[int]) -> int:
+        return job.payload
+
+    await q.add_bulk([qflow.JobSpec("quick", i) for i in range(20)])
+    worker = qflow.Worker(app, settings=FAST, max_jobs=5)
+    await asyncio.wait_for(worker.run(), 10)
+    assert worker.jobs_handled == 5
+    counts = await q.counts()
+    assert counts["completed"] == 5
+    assert counts["waiting"] == 15
+    assert counts["active"] == 0
+    assert (await q.stats()).get("released", 0) == 0
