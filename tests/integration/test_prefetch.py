@@ -11,7 +11,7 @@ from .test_worker_behaviour import wait_until
 
 
 async def test_claimed_ahead_job_is_released_at_once_on_stop_without_an_attempt(app: qflow.App) -> None:
-    """c=1: while one job runs, one more is claimed ahead; a stop hands that one back before the drain ends."""
+    """c=1: while one job runs, one more is claimed ahead; a stop hands it back before the drain ends."""
     q = app.queue("ahead")
     gate = asyncio.Event()
     blocked = asyncio.Event()

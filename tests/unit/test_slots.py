@@ -41,7 +41,8 @@ def test_average_moves_towards_recent_run_times() -> None:
     slots.observe(1.0)
     for _ in range(60):
         slots.observe(0.001)
-    assert slots.average is not None and slots.average < 0.01
+    assert slots.average is not None
+    assert slots.average < 0.01
     assert slots.ahead == 1
 
 
