@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -18,7 +20,49 @@ if TYPE_CHECKING:
     from ._keys import QueueKeys
     from ._queue import Queue
 
-__all__ = ("Delivery", "QueueRunner", "Slots", "unpack_claimed")
+__all__ = ("Delivery", "Gate", "QueueRunner", "Slots", "unpack_claimed")
+
+
+class Gate:
+    """A first-come-first-served semaphore with O(1) acquire and release: one per processor.
+
+    ``asyncio.Semaphore.acquire`` scans every waiter (Python 3.11's ``locked()``), and with claim-ahead up to
+    a concurrency's worth of handlers wait at once: that scan was paid per job. A release hands its slot
+    straight to the oldest live waiter.
+    """
+
+    __slots__ = ("_waiters", "free")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # granted, then cancelled before running: pass the slot on
+            raise  # a cancelled future left in the deque is skipped by _release
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
 
 
 class Slots:
@@ -115,7 +159,7 @@ class QueueRunner:
         self.concurrency = {
             name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
         }
-        self.semaphores = {name: asyncio.Semaphore(n) for name, n in self.concurrency.items()}
+        self.semaphores = {name: Gate(n) for name, n in self.concurrency.items()}
         self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
         self.slots = Slots(sum(self.concurrency.values()), prefetch_window)
         self.in_flight: dict[str, Delivery] = {}
