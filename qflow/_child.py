@@ -448,19 +448,19 @@ class _Watchdog(threading.Thread):
 
     def _report(self, task: asyncio.Task[object], seconds: float) -> None:
         try:
-            processor = self.worker.processor_of_task(task)
+            found = self.worker.job_of_task(task)
         except RuntimeError:  # the loop thread changed a dict while we read it
-            processor = None
-        if processor is None:
+            found = None
+        if found is None:
             # Not a job: more likely starved of the GIL by sync handlers' threads than blocking.
             log.debug("task %s has held the event loop for %.2fs", task.get_name(), seconds)
             return
+        processor, job = found
         culprit = processor
         now = time.monotonic()
         if now - self._last_warned.get(culprit, -1e9) < 60.0:
             return
         self._last_warned[culprit] = now
-        job = task.get_name().removeprefix("qflow-job-")
         log.warning(
             "async processor %s (job %s) is blocking the event loop (%.2fs so far): no other job, "
             "lease renewal or heartbeat runs meanwhile. Make it `def` (it then runs in a thread) or give "

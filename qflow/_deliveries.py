@@ -9,60 +9,33 @@ import asyncio
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
-from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._aio import wait_first
 
 if TYPE_CHECKING:
+    from ._codec import Envelope
     from ._keys import QueueKeys
     from ._queue import Queue
 
-__all__ = ("Delivery", "Gate", "QueueRunner", "Slots", "unpack_claimed")
+__all__ = ("Delivery", "Lanes", "QueueRunner", "Slots", "unpack_claimed")
 
 
-class Gate:
-    """A first-come-first-served semaphore with O(1) acquire and release: one per processor.
+class Lanes:
+    """The lanes of one processor in one worker: at most ``limit`` tasks, each running jobs one after another.
 
-    ``asyncio.Semaphore.acquire`` scans every waiter (Python 3.11's ``locked()``), and with claim-ahead up to
-    a concurrency's worth of handlers wait at once: that scan was paid per job. A release hands its slot
-    straight to the oldest live waiter.
+    ``limit`` is the processor's concurrency. A claimed job goes to a new lane while fewer than ``limit``
+    run, else it waits in ``ready`` (claimed ahead, leased) for the next lane to finish its job.
     """
 
-    __slots__ = ("_waiters", "free")
+    __slots__ = ("limit", "ready", "running")
 
-    def __init__(self, n: int) -> None:
-        self.free = n
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def __aenter__(self) -> None:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release()  # granted, then cancelled before running: pass the slot on
-            raise  # a cancelled future left in the deque is skipped by _release
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.free += 1
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self.ready: deque[Delivery] = deque()
 
 
 class Slots:
@@ -70,7 +43,7 @@ class Slots:
 
     ``held`` counts claimed jobs whose handler has not finished. The fetcher may hold up to ``concurrency``
     jobs plus ``ahead`` claimed ahead of time, so the next job is already here when a handler finishes
-    (the processor semaphores still bound what runs). ``ahead`` follows the handlers' average run time: a
+    (each processor's lanes still bound what runs). ``ahead`` follows the handlers' average run time: a
     job claimed ahead should start within ``window`` seconds, so long jobs get no claim-ahead at all and
     never sit behind one another in this process while another worker is idle. A slot comes back when the
     handler finishes, before its ack's round trip.
@@ -127,8 +100,8 @@ class Delivery:
     """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
 
     __slots__ = (
-        "attempts", "cancel_reason", "envelope", "finishing", "holds_slot", "id", "notify", "raw", "stalls",
-        "started", "task", "token",
+        "ack", "attempts", "cancel_reason", "env", "envelope", "finishing", "holds_slot", "id", "notify",
+        "raw", "stalls", "started", "task", "token",
     )  # fmt: skip
 
     def __init__(
@@ -143,10 +116,14 @@ class Delivery:
         self.envelope = envelope
         self.attempts = attempts
         self.stalls = stalls
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
+        """The task running the handler, while it runs (a lane runs many jobs one after another)."""
+        self.env: Envelope | None = None
+        self.ack: asyncio.Future[bool] | None = None
+        """The completion on its way to Redis, once the handler returned."""
         self.cancel_reason: str | None = None
         self.finishing = False  # an ack (complete/fail/retry) is on its way: a renewal may race with it
-        self.started = False  # the handler got its semaphore: a drain lets it finish (others are released)
+        self.started = False  # a lane took it: a drain lets it finish (jobs still in line are released)
         self.holds_slot = True  # counted in Slots.held until the handler finishes
 
 
@@ -159,10 +136,12 @@ class QueueRunner:
         self.concurrency = {
             name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
         }
-        self.semaphores = {name: Gate(n) for name, n in self.concurrency.items()}
+        self.lanes = {name: Lanes(n) for name, n in self.concurrency.items()}
         self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
         self.slots = Slots(sum(self.concurrency.values()), prefetch_window)
         self.in_flight: dict[str, Delivery] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        """Lanes and one-off tasks running handlers or recording failures."""
         self.pending_acks: list[tuple[Delivery, bytes, asyncio.Future[bool]]] = []
         self.ack_event = asyncio.Event()
         self.idle = asyncio.Event()

@@ -1,10 +1,12 @@
-"""One worker process's loop: claim -> run under the processor's semaphore -> ack; leases; recovery; drain.
+"""One worker process's loop: claim -> run in one of the processor's lanes -> ack; leases; recovery; drain.
 
 Shape (one task group per worker):
 
 - a *fetcher* per queue claims jobs in batches sized by free concurrency, and blocks on the server
   (``BLMOVE wait wait``, which wakes without taking the job) when there is nothing to claim;
-- a *handler task* per job runs the processor under its per-process semaphore (sync handlers in a thread);
+- each processor has ``concurrency`` *lanes*, tasks that run its jobs one after another (sync handlers in a
+  thread); jobs claimed ahead wait in line for the next free lane, and a failure that needs no handler
+  (undecodable envelope, unknown name) is recorded by a one-off task;
 - an *acker* per queue sends the completions that piled up while the previous batch was in flight, as one
   script call;
 - one *renewer* extends every lease this process holds, all queues in one pipelined round trip, and cancels
@@ -24,7 +26,7 @@ import random
 import signal
 import socket
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,7 +35,7 @@ from redis import exceptions as rexc
 
 from . import _codec
 from ._aio import as_coro, cancel_until_done, wait_first
-from ._deliveries import Delivery, QueueRunner, unpack_claimed
+from ._deliveries import Delivery, Lanes, QueueRunner, unpack_claimed
 from ._queue import Job, Queue
 from ._scripts import command, load_all, script
 from ._servercheck import check_server
@@ -125,9 +127,7 @@ class Worker:
             if fast:
                 # Also mid-drain (issue #3: a supervisor's second signal): cancel handlers now, as the second
                 # SIGTERM in _on_signal does; _drain then releases their jobs.
-                for r in self._runners:
-                    for d in list(r.in_flight.values()):
-                        self._cancel(d, "release")
+                self._cancel_unfinished()
 
     @property
     def in_flight(self) -> int:
@@ -139,15 +139,12 @@ class Worker:
         """True once a stop was requested."""
         return self._stop is not None and self._stop.is_set()
 
-    def processor_of_task(self, task: asyncio.Task[Any]) -> str | None:
-        """``queue:processor`` of the job a handler task runs, or None (for loop-blocking warnings)."""
+    def job_of_task(self, task: asyncio.Task[Any]) -> tuple[str, str] | None:
+        """``(queue:processor, job id)`` of the job a task runs now, or None (for loop-blocking warnings)."""
         for r in self._runners:
             for d in r.in_flight.values():
                 if d.task is task:
-                    try:
-                        return f"{r.queue.name}:{_codec.decode_envelope(d.envelope).name}"
-                    except PayloadError:
-                        return f"{r.queue.name}:?"
+                    return f"{r.queue.name}:{d.env.name if d.env is not None else '?'}", d.id
         return None
 
     async def run(self, *, handle_signals: bool = False) -> None:
@@ -209,9 +206,7 @@ class Worker:
             log.warning("second %s: stopping now, releasing unfinished jobs", sig.name)
             self._fast = True
             self._stop.set()
-            for r in self._runners:
-                for d in r.in_flight.values():
-                    self._cancel(d, "release")
+            self._cancel_unfinished()
         else:
             log.info(
                 "%s: draining (up to %.0fs); send again to stop now",
@@ -327,48 +322,17 @@ class Worker:
     # -- running -----------------------------------------------------------------------------------------
 
     def _start(self, r: QueueRunner, d: Delivery) -> None:
+        """Hand a claimed job to its processor's lanes: a free lane runs it now, else it waits in line."""
         # A job can come back to this worker while an earlier delivery of it still runs here (its lease was
         # lost and its handler ignored the cancel): the new delivery takes the slot in in_flight, and the
-        # old one's cleanup must not remove it (see _run_job).
+        # old one's cleanup must not remove it (see _finish).
         r.in_flight[d.id] = d
         r.idle.clear()
-        d.task = asyncio.create_task(self._run_job(r, d), name=f"qflow-job-{d.id}")
-
-    def _cancel(self, d: Delivery, reason: str) -> None:
-        if d.cancel_reason is None:
-            d.cancel_reason = reason
-        if d.task is not None and not d.task.done():
-            d.task.cancel()
-
-    async def _run_job(self, r: QueueRunner, d: Delivery) -> None:
-        try:
-            await self._execute(r, d)
-            if d.cancel_reason is not None:
-                return  # released unstarted, after a stop
-            self.jobs_handled += 1
-            if self.max_jobs is not None and self.jobs_handled >= self.max_jobs and not self.stopping:
-                log.info("handled %d jobs (max_jobs): stopping to be recycled", self.jobs_handled)
-                self.stop()
-        except asyncio.CancelledError:
-            if d.cancel_reason is None:
-                raise
-            # Cancelled by us: "lost" (lease gone; another delivery owns the job) or "release" (drain
-            # timeout: _drain hands the job back). Nothing to ack here.
-        except Exception:
-            log.exception("internal error while running job %s:%s", r.queue.name, d.id)
-        finally:
-            if d.cancel_reason != "release" and r.in_flight.get(d.id) is d:
-                del r.in_flight[d.id]
-            r.free_slot(d)
-            if not r.in_flight:
-                r.idle.set()
-
-    async def _execute(self, r: QueueRunner, d: Delivery) -> None:
         q = r.queue
         try:
             env = _codec.decode_envelope(d.envelope)
         except PayloadError as exc:
-            await self._fail(r, d, _codec.ErrorInfo.from_exception(exc, "payload"))
+            self._spawn(r, self._reject(r, d, _codec.ErrorInfo.from_exception(exc, "payload")), d.id)
             return
         proc = q.processors.get(env.name)
         if proc is None:
@@ -378,8 +342,126 @@ class Worker:
                 f"(registered: {', '.join(sorted(q.processors))})",
                 kind="unknown_name",
             )
-            await self._fail(r, d, err)
+            self._spawn(r, self._reject(r, d, err), d.id)
             return
+        d.env = env
+        lanes = r.lanes[proc.name]
+        if lanes.running < lanes.limit:
+            lanes.running += 1
+            self._spawn(r, self._lane(r, lanes, proc, d), f"{q.name}:{proc.name}")
+        else:
+            lanes.ready.append(d)
+
+    def _spawn(self, r: QueueRunner, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"qflow-{what}")
+        r.tasks.add(task)
+        task.add_done_callback(r.tasks.discard)
+
+    def _cancel(self, d: Delivery, reason: str) -> None:
+        """Mark a delivery lost or released and cancel its handler if it runs (a waiting one is skipped)."""
+        if d.cancel_reason is None:
+            d.cancel_reason = reason
+        if d.task is not None and not d.task.done():
+            d.task.cancel()
+
+    def _cancel_unfinished(self) -> None:
+        """Release every job whose handler has not finished (a fast stop); acks on their way still land."""
+        for r in self._runners:
+            for d in list(r.in_flight.values()):
+                if not d.finishing:
+                    self._cancel(d, "release")
+
+    async def _lane(self, r: QueueRunner, lanes: Lanes, proc: Processor[Any, Any], d: Delivery) -> None:
+        """One of a processor's ``concurrency`` lanes: run jobs one after another while some wait in line.
+
+        The next job starts the moment a handler returns, in the same task, with its ack still on its way:
+        no task per job and no hand-off through the event loop between two jobs.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            nxt: Delivery | None = d
+            while nxt is not None:
+                await self._run_one(r, proc, nxt, task)
+                nxt = None
+                while lanes.ready and not self.stopping:
+                    candidate = lanes.ready.popleft()
+                    if candidate.cancel_reason is None:
+                        nxt = candidate
+                        break
+                    self._finish(r, candidate, handled=False)  # lost or released while it waited
+        finally:
+            lanes.running -= 1
+
+    async def _run_one(
+        self, r: QueueRunner, proc: Processor[Any, Any], d: Delivery, task: asyncio.Task[Any]
+    ) -> None:
+        if self.stopping:
+            # Dispatched as the worker stopped: hand it back unstarted (no attempt spent).
+            d.cancel_reason = d.cancel_reason or "release"
+            self._finish(r, d, handled=False)
+            return
+        d.task = task
+        d.started = True
+        handled = False
+        try:
+            await self._execute(r, d, proc)
+            handled = d.cancel_reason is None
+        except asyncio.CancelledError:
+            if d.cancel_reason is None:
+                raise
+            # Cancelled by us: "lost" (lease gone; another delivery owns the job) or "release" (drain
+            # timeout: _drain hands the job back). Nothing to ack here.
+        except Exception:
+            log.exception("internal error while running job %s:%s", r.queue.name, d.id)
+        finally:
+            d.task = None
+            if d.cancel_reason is not None:
+                while task.cancelling():  # ours, for this job (its handler may have swallowed it)
+                    task.uncancel()
+            if d.ack is None:
+                self._finish(r, d, handled)
+            # else: _acked finishes it when the ack's round trip returns
+
+    async def _reject(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo) -> None:
+        """Fail a job that cannot run here (undecodable envelope, unknown name)."""
+        d.task = asyncio.current_task()
+        d.started = True
+        handled = False
+        try:
+            await self._fail(r, d, info)
+            handled = d.cancel_reason is None
+        except asyncio.CancelledError:
+            if d.cancel_reason is None:
+                raise
+        except Exception:
+            log.exception("internal error while failing job %s:%s", r.queue.name, d.id)
+        finally:
+            d.task = None
+            self._finish(r, d, handled)
+
+    def _finish(self, r: QueueRunner, d: Delivery, handled: bool) -> None:
+        """A delivery is done here: count it, free its slot, forget it (released ones wait for _drain)."""
+        if handled:
+            self.jobs_handled += 1
+            if self.max_jobs is not None and self.jobs_handled >= self.max_jobs and not self.stopping:
+                log.info("handled %d jobs (max_jobs): stopping to be recycled", self.jobs_handled)
+                self.stop()
+        if d.cancel_reason != "release" and r.in_flight.get(d.id) is d:
+            del r.in_flight[d.id]
+        r.free_slot(d)
+        if not r.in_flight:
+            r.idle.set()
+
+    def _acked(self, r: QueueRunner, d: Delivery, fut: asyncio.Future[bool]) -> None:
+        if not fut.cancelled() and fut.result():
+            self.jobs_done += 1
+        self._finish(r, d, handled=True)
+
+    async def _execute(self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any]) -> None:
+        q = r.queue
+        env = d.env
+        assert env is not None
         try:
             payload = proc.decode_payload(bytes(env.payload))
         except PayloadError as exc:
@@ -389,18 +471,10 @@ class Worker:
         timeout = env.timeout if env.timeout is not None else proc.timeout
         max_attempts = env.attempts if env.attempts is not None else proc.attempts
         backoff = env.backoff if env.backoff is not None else proc.backoff
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            async with r.semaphores[proc.name]:
-                if self.stopping:
-                    # Claimed ahead and not started before the stop: hand it back (no attempt spent).
-                    d.cancel_reason = "release"
-                    return
-                d.started = True
-                started = asyncio.get_running_loop().time()
-                try:
-                    result = await self._call(r, proc, job, timeout)
-                finally:
-                    r.slots.observe(asyncio.get_running_loop().time() - started)
+            result = await self._call(r, proc, job, timeout)
         except asyncio.CancelledError:
             raise
         except _HandlerTimeout as exc:
@@ -415,8 +489,10 @@ class Worker:
             error = exc
             info = _codec.ErrorInfo.from_exception(exc)
         else:
+            r.slots.observe(loop.time() - started)
             await self._complete(r, d, proc, result)
             return
+        r.slots.observe(loop.time() - started)
         decision = decide_after_error(
             attempts_spent=d.attempts,
             max_attempts=max_attempts,
@@ -451,6 +527,10 @@ class Worker:
         return d.cancel_reason is None and not self._acks_closed
 
     async def _complete(self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any], result: Any) -> None:
+        """Queue the completion for the acker without waiting: ``_acked`` finishes the delivery when it lands.
+
+        Only the rare unencodable result awaits (its failure is recorded before the lane moves on).
+        """
         if not self._may_ack(d):
             return
         try:
@@ -464,11 +544,11 @@ class Worker:
             return
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         d.finishing = True
+        d.ack = fut
         r.free_slot(d)
         r.pending_acks.append((d, data, fut))
         r.ack_event.set()
-        if await fut:
-            self.jobs_done += 1
+        fut.add_done_callback(functools.partial(self._acked, r, d))
 
     async def _call(
         self, r: QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
@@ -740,34 +820,42 @@ class Worker:
 
     async def _drain(self) -> None:
         runners = self._runners
-        # Jobs claimed ahead that have not started go back at once, so other workers run them meanwhile.
+        # 1. Jobs claimed ahead that have not started go back at once, so other workers run them meanwhile.
         for r in runners:
-            unstarted = [d for d in r.in_flight.values() if not d.started and not d.finishing]
+            unstarted = [d for lanes in r.lanes.values() for d in lanes.ready]
+            for lanes in r.lanes.values():
+                lanes.ready.clear()
+            to_release = [d for d in unstarted if d.cancel_reason in (None, "release")]
+            for d in to_release:
+                d.cancel_reason = "release"
+            if to_release:
+                await self._release(r, to_release)
             for d in unstarted:
-                self._cancel(d, "release")
-            await cancel_until_done([d.task for d in unstarted if d.task is not None])
-            if unstarted:
-                await self._release(r, unstarted)
-                for d in unstarted:
-                    if r.in_flight.get(d.id) is d:
-                        del r.in_flight[d.id]
-        tasks = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
+                if r.in_flight.get(d.id) is d:
+                    del r.in_flight[d.id]
+                r.free_slot(d)
+        # 2. Running handlers may finish, up to the drain timeout.
+        tasks = [t for r in runners for t in r.tasks]
         if tasks and not self._fast:
-            log.info("draining %d in-flight job(s), up to %.1fs", len(tasks), self.settings.drain_timeout)
+            running = sum(1 for r in runners for d in r.in_flight.values() if d.task is not None)
+            log.info("draining %d in-flight job(s), up to %.1fs", running, self.settings.drain_timeout)
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout)
-        for r in runners:
-            for d in list(r.in_flight.values()):
-                self._cancel(d, "release")
-        leftover = [d.task for r in runners for d in r.in_flight.values() if d.task is not None]
+        # 3. Handlers still running are cancelled and their jobs released.
+        self._cancel_unfinished()
+        leftover = [t for r in runners for t in r.tasks]
         if leftover:
             pending = await cancel_until_done(leftover, timeout=_RELEASE_GRACE)
             if pending:
                 log.warning("%d handler(s) ignored cancellation; releasing their jobs anyway", len(pending))
-        # Let the ackers flush what finished handlers queued.
+        # 4. Completions on their way land before the worker lets go of their jobs.
         for r in runners:
             if r.pending_acks:
                 r.ack_event.set()
-        await asyncio.sleep(0)
+        acks = [
+            d.ack for r in runners for d in r.in_flight.values() if d.ack is not None and not d.ack.done()
+        ]
+        if acks:
+            await asyncio.wait(acks, timeout=self.settings.lease_ttl)
         for r in runners:
             to_release = [d for d in r.in_flight.values() if d.cancel_reason == "release"]
             if to_release:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 import qflow
 from qflow.testing import FAST
@@ -74,4 +77,47 @@ async def test_max_jobs_claims_no_more_than_it_will_run(app: qflow.App) -> None:
     assert counts["completed"] == 5
     assert counts["waiting"] == 15
     assert counts["active"] == 0
+    assert (await q.stats()).get("released", 0) == 0
+
+
+async def test_job_waiting_in_line_whose_lease_is_lost_is_not_run(
+    app: qflow.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job claimed ahead whose lease is taken over while it waits for a lane is skipped, never run here."""
+    q = app.queue("lost_in_line")
+    gate = asyncio.Event()
+    blocked = asyncio.Event()
+    done: list[str] = []
+
+    @q.processor(concurrency=1)
+    async def work(job: qflow.Job[str]) -> None:
+        if job.payload == "block":
+            blocked.set()
+            await gate.wait()
+        done.append(job.payload)
+
+    caplog.set_level(logging.WARNING, logger="qflow._worker")
+    worker = qflow.Worker(app, settings=FAST)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 5)
+    await q.add_bulk([qflow.JobSpec("work", f"warm{i}") for i in range(5)])
+    await wait_until(lambda: len(done) == 5)
+    _, nxt = await q.add_bulk([qflow.JobSpec("work", p) for p in ("block", "next")])
+    await asyncio.wait_for(blocked.wait(), 5)
+
+    async def claimed() -> bool:
+        return await nxt.status() == qflow.State.ACTIVE
+
+    await wait_until(claimed)
+    # Another delivery takes the job over (as a recovery and a new claim would): its token changes.
+    await app.redis().hset(q.keys.tokens, nxt.id, "taken-over")
+    await wait_until(
+        lambda: any("lost" in r.getMessage() and nxt.id in r.getMessage() for r in caplog.records)
+    )
+    gate.set()
+    await wait_until(lambda: worker.jobs_handled == 6 and worker.in_flight == 0)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert "next" not in done
+    assert await nxt.status() == qflow.State.ACTIVE  # still the other delivery's
     assert (await q.stats()).get("released", 0) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from qflow._deliveries import Gate, Slots
+from qflow._deliveries import Slots
 
 
 def test_no_claim_ahead_before_any_handler_finished() -> None:
@@ -62,50 +62,3 @@ async def test_take_waits_for_a_slot_and_respects_the_budget() -> None:
     assert not capped.done()
     stop.set()
     assert await asyncio.wait_for(capped, 1) == 0
-
-
-async def _enter(gate: Gate, order: list[int], i: int, leave: asyncio.Event) -> None:
-    async with gate:
-        order.append(i)
-        await leave.wait()
-
-
-async def test_gate_bounds_holders_and_serves_waiters_in_order() -> None:
-    gate = Gate(2)
-    order: list[int] = []
-    leave = [asyncio.Event() for _ in range(5)]
-    tasks = [asyncio.create_task(_enter(gate, order, i, leave[i])) for i in range(5)]
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert order == [0, 1]
-    leave[1].set()
-    await tasks[1]
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert order == [0, 1, 2]
-    for e in leave:
-        e.set()
-    await asyncio.gather(*tasks)
-    assert order == [0, 1, 2, 3, 4]
-    assert gate.free == 2
-
-
-async def test_gate_cancelled_waiters_leak_no_slot() -> None:
-    gate = Gate(1)
-    order: list[int] = []
-    go = asyncio.Event()
-    await gate.__aenter__()  # this test holds the only slot
-    waiting = asyncio.create_task(_enter(gate, order, 1, go))
-    granted_then_cancelled = asyncio.create_task(_enter(gate, order, 2, go))
-    last = asyncio.create_task(_enter(gate, order, 3, go))
-    await asyncio.sleep(0)
-    waiting.cancel()  # cancelled while waiting: skipped
-    await asyncio.sleep(0)
-    await gate.__aexit__(None, None, None)  # grants the slot to 2 (1 is gone) ...
-    granted_then_cancelled.cancel()  # ... which is cancelled before it runs: the slot goes on to 3
-    go.set()
-    await asyncio.wait_for(last, 1)
-    assert order == [3]
-    assert gate.free == 1
-    assert waiting.cancelled()
-    assert granted_then_cancelled.cancelled()
