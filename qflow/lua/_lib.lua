@@ -30,3 +30,31 @@ local function trim(zset, keep, age_ms, now, hashes, limit)
   for _, h in ipairs(hashes) do redis.call('HDEL', h, unpack(victims)) end
   return #victims
 end
+
+-- Variadic forms (HMGET, HSET f v f v, ZADD s m s m, ZREM, HDEL, LPUSH...) take a whole batch in one call: the
+-- fixed cost of a redis.call (command lookup, argument objects, key lookup) is paid once per batch instead of
+-- once per job (issue #6). Lua's unpack is bounded by its C stack (LUAI_MAXCSTACK = 8000), so a long list goes
+-- out in chunks of BATCH_ARGS items; the number is even, so field/value and score/member pairs stay whole.
+local BATCH_ARGS = 1000
+
+-- `cmd key items...` in as few calls as possible; nothing is sent for an empty list.
+local function call_batched(cmd, key, items)
+  local n = #items
+  for i = 1, n, BATCH_ARGS do
+    redis.call(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n)))
+  end
+end
+
+-- The replies of a reading variadic command (HMGET, ZMSCORE) over `items`, one per item, in order; false
+-- where the field or member is missing.
+local function read_batched(cmd, key, items)
+  local n = #items
+  if n == 0 then return {} end
+  if n <= BATCH_ARGS then return redis.call(cmd, key, unpack(items)) end
+  local out = {}
+  for i = 1, n, BATCH_ARGS do
+    local part = redis.call(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n)))
+    for j = 1, #part do out[#out + 1] = part[j] end
+  end
+  return out
+end

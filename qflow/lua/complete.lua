@@ -7,32 +7,65 @@
 -- ARGV[4..] groups of 3: id, token, encoded result
 -- Returns: one string with a byte per job, '1' = completed, '0' = stale delivery (rejected, counted in
 -- stats.stale_acks). One reply element per batch keeps the client's parsing off the hot path.
+-- Leases are checked with one ZMSCORE and one HMGET per batch, and each hash is written once per batch: a
+-- redis.call's fixed cost dominated the server CPU of an ack (issue #6).
 --!include _lib.lua
 
 local now = now_ms()
-local out = {}
-local done, stale = 0, 0
+local ids, tokens = {}, {}
 for i = 4, #ARGV, 3 do
-  local id, token = ARGV[i], ARGV[i + 1]
-  if lease_ok(KEYS[1], KEYS[2], id, token, now) then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HSET', KEYS[3], id, 'completed')
-    redis.call('HSET', KEYS[4], id, ARGV[i + 2])
-    redis.call('ZADD', KEYS[5], now, id)
-    if redis.call('HDEL', KEYS[10], id) == 1 then
-      local notify = KEYS[12 + (i - 4) / 3]
-      redis.call('LPUSH', notify, 'completed')
-      redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
-    end
-    done = done + 1
+  ids[#ids + 1] = ARGV[i]
+  tokens[#tokens + 1] = ARGV[i + 1]
+end
+-- lease_ok for the whole batch: active, deadline > now, token matches.
+local deadlines = read_batched('ZMSCORE', KEYS[1], ids)
+local holders = read_batched('HMGET', KEYS[2], ids)
+
+local out = {}
+local done_ids, states, results, finished = {}, {}, {}, {}
+local taken, notify_of = {}, {}  -- ids completed so far; the notify list of each (KEYS[12..], in ARGV order)
+local stale = 0
+for j, id in ipairs(ids) do
+  local deadline = deadlines[j]
+  -- An id already completed earlier in this batch is stale, as when each job's ack ran in turn (the first
+  -- one removed it from `active`).
+  if not taken[id] and deadline and tonumber(deadline) > now and holders[j] == tokens[j] then
+    taken[id] = true
+    done_ids[#done_ids + 1] = id
+    notify_of[#done_ids] = KEYS[11 + j]
+    states[#states + 1] = id
+    states[#states + 1] = 'completed'
+    results[#results + 1] = id
+    results[#results + 1] = ARGV[3 * j + 3]
+    finished[#finished + 1] = now
+    finished[#finished + 1] = id
     out[#out + 1] = '1'
   else
     stale = stale + 1
     out[#out + 1] = '0'
   end
 end
+local done = #done_ids
 if done > 0 then
+  call_batched('ZREM', KEYS[1], done_ids)
+  call_batched('HDEL', KEYS[2], done_ids)
+  call_batched('HSET', KEYS[3], states)
+  call_batched('HSET', KEYS[4], results)
+  call_batched('ZADD', KEYS[5], finished)
+  -- Someone awaits a result: rare, so one HLEN per batch and per-job work only for the awaited ones.
+  if redis.call('HLEN', KEYS[10]) > 0 then
+    local awaited = read_batched('HMGET', KEYS[10], done_ids)
+    local woken = {}
+    for j, id in ipairs(done_ids) do
+      if awaited[j] then
+        woken[#woken + 1] = id
+        local notify = notify_of[j]
+        redis.call('LPUSH', notify, 'completed')
+        redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
+      end
+    end
+    call_batched('HDEL', KEYS[10], woken)
+  end
   redis.call('HINCRBY', KEYS[11], 'completed', done)
   trim(KEYS[5], tonumber(ARGV[1]), tonumber(ARGV[2]), now,
        {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, 100)
