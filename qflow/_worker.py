@@ -116,6 +116,9 @@ class Worker:
         self._fast = False
         self._runners: list[QueueRunner] = []
         self._acks_closed = False
+        self._claim_behind = True
+        self._parked: dict[QueueRunner, int] = {}  # fetchers blocked in _wait_then_claim: their client ids
+        self._unblocks: set[asyncio.Task[Any]] = set()
 
     # -- control -----------------------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class Worker:
         self._fast = self._fast or fast
         if self._stop is not None:
             self._stop.set()
+            self._unpark()
             if fast:
                 # Also mid-drain (issue #3: a supervisor's second signal): cancel handlers now, as the second
                 # SIGTERM in _on_signal does; _drain then releases their jobs.
@@ -206,6 +210,7 @@ class Worker:
             log.warning("second %s: stopping now, releasing unfinished jobs", sig.name)
             self._fast = True
             self._stop.set()
+            self._unpark()
             self._cancel_unfinished()
         else:
             log.info(
@@ -234,38 +239,39 @@ class Worker:
                 kind="payload",
             )
         )
+        keys = [
+            k.wait,
+            k.active,
+            k.delayed,
+            k.jobs,
+            k.state,
+            k.tokens,
+            k.attempts,
+            k.stalls,
+            k.seq,
+            k.failed,
+            k.errors,
+            k.stats,
+        ]
         budget = None if self.max_jobs is None else self._job_budget
         failures = 0
+        carried: tuple[int, Any] | None = None  # (slots taken, claim reply) from _wait_then_claim
         while not stop.is_set():
-            n = await r.slots.take(self.settings.claim_batch, stop, budget)
-            if n == 0:
-                break
-            try:
-                res = await claim(
-                    client,
-                    [
-                        k.wait,
-                        k.active,
-                        k.delayed,
-                        k.jobs,
-                        k.state,
-                        k.tokens,
-                        k.attempts,
-                        k.stalls,
-                        k.seq,
-                        k.failed,
-                        k.errors,
-                        k.stats,
-                    ],
-                    [n, lease_ms, 1000, max_envelope, too_large],
-                )
-                failures = 0
-            except (BrokerUnavailable, BrokerFull) as exc:
-                r.slots.give(n)
-                failures += 1
-                log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
-                await wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
-                continue
+            if carried is not None:
+                (n, res), carried = carried, None
+            else:
+                n = await r.slots.take(self.settings.claim_batch, stop, budget)
+                if n == 0:
+                    break
+                try:
+                    res = await claim(client, keys, [n, lease_ms, 1000, max_envelope, too_large])
+                    failures = 0
+                except (BrokerUnavailable, BrokerFull) as exc:
+                    r.slots.give(n)
+                    failures += 1
+                    log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
+                    await wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
+                    continue
             next_due_ms, waiting = int(res[0]), int(res[1])
             got = 0
             for raw_id, token, envelope, attempts, stalls in unpack_claimed(res[2]):
@@ -283,7 +289,21 @@ class Worker:
                 timeout = min(timeout, next_due_ms / 1000)
             if timeout <= 0:
                 continue
-            await self._wait_for_work(r, timeout)
+            # The wait must end well inside the socket timeout, which is what detects a dead server.
+            timeout = min(timeout, self.app.socket_timeout * 0.8)
+            if self.burst or not (self.settings.claim_behind_wait and self._claim_behind):
+                await self._wait_for_work(r, timeout)
+                continue
+            # One job: an idle worker that freezes or loses its network while parked holds at most that one
+            # (until its lease expires); the claims that follow take the rest in batches.
+            n = await r.slots.take(1, stop, budget)
+            if n == 0:
+                break
+            res = await self._wait_then_claim(r, timeout, keys, [n, lease_ms, 1000, max_envelope, too_large])
+            if res is None:
+                r.slots.give(n)
+            else:
+                carried = (n, res)
 
     def _job_budget(self) -> int:
         """With ``max_jobs``: jobs this worker may still claim (those it holds count as handled soon)."""
@@ -304,6 +324,101 @@ class Worker:
             # ResponseError: e.g. OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
             await wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
+
+    async def _wait_then_claim(
+        self, r: QueueRunner, timeout: float, keys: list[str], args: list[Any]
+    ) -> Any | None:
+        """Block until a push with the claim queued behind the blocking call, on one connection.
+
+        One write sends ``CLIENT ID``, ``BLMOVE wait wait`` (rotates, takes nothing) and the claim script; the
+        server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip
+        instead of two. The claim is still the one script that moves ids into ``active`` under a lease.
+        ``stop()`` never abandons this call (a claim that ran would leave its jobs to lease expiry): it ends
+        the wait with ``CLIENT UNBLOCK``, and jobs claimed after a stop are released at once. Returns the
+        claim reply, or None (stopped, or the server failed). Where ``CLIENT ID`` is not allowed (ACLs), the
+        worker falls back to waiting, then claiming.
+        """
+        assert self._stop is not None
+        client = self.app.redis()
+        pool = client.connection_pool
+        claim = script("claim")
+        conn = None
+        res: Any = None
+        clean = False
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            await conn.send_packed_command(
+                conn.pack_commands(
+                    [
+                        ("CLIENT", "ID"),
+                        ("BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}"),
+                        ("EVALSHA", claim.sha, len(keys), *keys, *args),
+                    ]
+                )
+            )
+            try:
+                client_id = await conn.read_response()
+            except rexc.ResponseError as exc:
+                self._claim_behind = False
+                log.info("CLIENT ID refused (%s): an idle worker waits, then claims (two round trips)", exc)
+            else:
+                if not isinstance(client_id, int):
+                    raise rexc.ConnectionError(f"unexpected reply to CLIENT ID: {client_id!r}")
+                self._parked[r] = client_id
+                if self._stop.is_set():
+                    self._unpark()
+            try:
+                # No explicit read timeout: redis-py answers None (and keeps the connection) when one
+                # expires, which would look like the wait's own nil. The wait is shorter than the socket
+                # timeout, so a socket timeout here means the server is gone (and disconnects).
+                await conn.read_response()
+            except rexc.ResponseError as exc:  # e.g. OOM at maxmemory (BLMOVE is a deny-oom write)
+                log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
+            try:
+                res = await conn.read_response()
+            except rexc.NoScriptError:
+                res = await claim(client, keys, args)  # nothing was claimed: claim now, sending the source
+            except rexc.ResponseError as exc:
+                if "OOM" not in str(exc):
+                    raise
+                log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
+            clean = True
+        except (rexc.ConnectionError, rexc.TimeoutError, rexc.ResponseError, QflowError) as exc:
+            log.warning("blocking wait and claim on %s failed (%s)", r.queue.name, exc)
+            res = None
+            await wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
+        finally:
+            self._parked.pop(r, None)
+            if conn is not None:
+                if not clean:
+                    # Replies may still be due on it: never hand a half-read connection back to the pool.
+                    await conn.disconnect(nowait=True)
+                await pool.release(conn)
+        if res is not None and self._stop.is_set():
+            claimed = [Delivery(*job, r.keys) for job in unpack_claimed(res[2])]
+            if claimed:
+                await self._release(r, claimed)
+            return None
+        return res
+
+    def _unpark(self) -> None:
+        """End the server-side waits of fetchers blocked in ``_wait_then_claim`` (at a stop)."""
+        if not self._parked:
+            return
+        loop = asyncio.get_running_loop()
+        for r, client_id in list(self._parked.items()):
+            del self._parked[r]
+            task = loop.create_task(
+                command(self.app.redis(), "CLIENT", "UNBLOCK", client_id), name="qflow-unblock"
+            )
+            self._unblocks.add(task)
+            task.add_done_callback(self._unblock_done)
+
+    def _unblock_done(self, task: asyncio.Task[Any]) -> None:
+        self._unblocks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The wait then ends by its own timeout (at most block_timeout).
+            log.warning("could not end a fetcher's blocking wait at stop: %s", task.exception())
 
     async def _drained(self, r: QueueRunner) -> bool:
         if r.in_flight:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import pytest
+import redis
 
 import qflow
-from qflow.testing import FAST
+from qflow.testing import FAST, drain
 
 from .test_worker_behaviour import wait_until
 
@@ -121,3 +124,93 @@ async def test_job_waiting_in_line_whose_lease_is_lost_is_not_run(
     assert "next" not in done
     assert await nxt.status() == qflow.State.ACTIVE  # still the other delivery's
     assert (await q.stats()).get("released", 0) == 0
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["wait_then_claim", "claim_behind_wait"])
+async def test_stop_ends_an_idle_workers_blocking_wait_at_once(
+    redis_url: str, prefix: str, behind: bool
+) -> None:
+    """An idle worker blocked on the server (with or without a claim queued behind) stops without waiting."""
+    app = qflow.App(redis_url, prefix=prefix, socket_timeout=60.0)
+    q = app.queue("idle_stop")
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        pass
+
+    settings = msgspec.structs.replace(FAST, block_timeout=30.0, claim_behind_wait=behind)
+    worker = qflow.Worker(app, settings=settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 5)
+
+        async def blocked() -> bool:
+            clients = await app.redis().client_list()
+            return any(c.get("cmd") == "blmove" and "b" in c.get("flags", "") for c in clients)
+
+        await wait_until(blocked)
+        worker.stop()
+        await asyncio.wait_for(task, 5)  # 30 s if the wait were left to time out
+    finally:
+        await app.close()
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["wait_then_claim", "claim_behind_wait"])
+async def test_stops_racing_adds_leave_no_job_active_and_lose_none(app: qflow.App, behind: bool) -> None:
+    """Stop an idle worker as jobs arrive, again and again: each job is then waiting or done, never stuck."""
+    q = app.queue("stop_race")
+    runs: dict[int, int] = {}
+
+    @q.processor(concurrency=4)
+    async def work(job: qflow.Job[int]) -> None:
+        runs[job.payload] = runs.get(job.payload, 0) + 1
+
+    settings = msgspec.structs.replace(FAST, claim_behind_wait=behind)
+    for round_ in range(15):
+        worker = qflow.Worker(app, settings=settings)
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 5)
+        await asyncio.sleep(0.01 * (round_ % 4))  # let the fetcher park on some rounds
+        adds = asyncio.gather(*(q.add("work", round_ * 10 + i) for i in range(4)))
+        worker.stop()
+        await adds
+        await asyncio.wait_for(task, 10)
+        assert await app.redis().zcard(q.keys.active) == 0
+    await drain(app)
+    assert len(runs) == 60
+    assert set(runs.values()) == {1}
+    assert (await q.counts())["completed"] == 60
+
+
+async def test_without_client_commands_an_idle_worker_waits_then_claims(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under an ACL that forbids CLIENT, pickup falls back to wait-then-claim; jobs run, stop is prompt."""
+    user = f"{prefix}-user"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "&*", "+@all", "-client")
+    parts = urlsplit(redis_url)
+    url = urlunsplit(parts._replace(netloc=f"{user}:x@{parts.hostname}:{parts.port}"))
+    app = qflow.App(url, prefix=prefix, worker=FAST)
+    try:
+        q = app.queue("acl")
+        ran = asyncio.Event()
+
+        @q.processor
+        async def work(job: qflow.Job[int]) -> None:
+            ran.set()
+
+        caplog.set_level(logging.INFO, logger="qflow._worker")
+        worker = qflow.Worker(app, settings=msgspec.structs.replace(FAST, claim_behind_wait=True))
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 5)
+        await wait_until(lambda: any("CLIENT ID refused" in r.getMessage() for r in caplog.records))
+        job = await q.add("work", 1)
+        await asyncio.wait_for(ran.wait(), 5)
+        worker.stop()
+        await asyncio.wait_for(task, 5)
+        assert await job.status() == qflow.State.COMPLETED
+    finally:
+        await app.close()
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
