@@ -6,6 +6,7 @@
     python benchmarks/run.py --hiredis       # qflow and the raw limit with redis-py's C parser
     python benchmarks/run.py --long          # the RSS run over 200,000 jobs instead of 50,000
     python benchmarks/run.py --variants      # + qflow with/without hiredis and on uvloop, in the same run
+    python benchmarks/run.py --claim-behind  # + qflow with WorkerSettings(claim_behind_wait=True)
     python benchmarks/run.py --candidate /tmp/patched   # + a patched qflow (/tmp/patched/qflow), same run
 
 Without ``--url`` a throwaway valkey-server is started (``qflow.testing.local_server``) and flushed between
@@ -323,6 +324,9 @@ def qflow_systems(args: argparse.Namespace) -> list[System]:
             ("qflow-uvloop", {"QFLOW_BENCH_UVLOOP": "1"}),
         ):
             systems.append(System(key, fast, PEERS_DIR / "qflow.py", {**base, **extra}, qflow_workloads))
+    if args.claim_behind:
+        cb_env = {**env, "QFLOW_BENCH_CLAIM_BEHIND": "1"}
+        systems.append(System("qflow-claim-behind", python, PEERS_DIR / "qflow.py", cb_env, qflow_workloads))
     for i, folder in enumerate(args.candidate or [], 1):
         # A patched copy of the engine, measured beside the baseline in the same run (same noise).
         cand_env = {**env, "PYTHONPATH": str(folder.resolve())}
@@ -603,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         action="store_true",
         help="also run qflow with hiredis, with the pure-Python parser, and on uvloop (+hiredis), same run",
+    )
+    parser.add_argument(
+        "--claim-behind",
+        action="store_true",
+        help="also run qflow with WorkerSettings(claim_behind_wait=True), same run",
     )
     parser.add_argument(
         "--candidate",

@@ -7,6 +7,7 @@ batches of up to 100), concurrency from ``--concurrency``.
 # No `from __future__ import annotations`: qflow resolves the handler's `Job[...]` annotation, and qflow is
 # imported inside functions (after _protocol.configure()), so the annotation must be evaluated in place.
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ sys.path.append(str(Path(__file__).parent))
 import _protocol as P  # run with -P: this folder is appended to sys.path, never put first
 
 CHUNK = 2_000  # concurrent mode: adds gathered at once
+CLAIM_BEHIND = os.environ.get("QFLOW_BENCH_CLAIM_BEHIND") == "1"
 
 
 def build(args: Any) -> tuple[Any, Any, P.Tally]:
@@ -26,7 +28,10 @@ def build(args: Any) -> tuple[Any, Any, P.Tally]:
         if args.retain
         else qflow.RetentionSettings()
     )
-    app = qflow.App(args.url, prefix=f"qflowbench-{args.ns}", retention=retention)
+    # QFLOW_BENCH_CLAIM_BEHIND=1 (run.py --claim-behind): the idle worker's claim rides behind its wait.
+    # (Only then is the option passed: an older engine given with --candidate does not know it.)
+    extra = {"worker": qflow.WorkerSettings(claim_behind_wait=True)} if CLAIM_BEHIND else {}
+    app = qflow.App(args.url, prefix=f"qflowbench-{args.ns}", retention=retention, **extra)
     queue = app.queue("bench")
     tally = P.Tally(args.latency)
 
@@ -50,7 +55,8 @@ def info(args: Any) -> None:
             "version": qflow.__version__,
             "parser": P.redis_parser(),
             "guarantee": "ack after run; lease + fencing token, at-least-once, redelivered after a crash",
-            "settings": "defaults (30 s lease, claim batches <= 100, batched acks)",
+            "settings": "defaults (30 s lease, claim batches <= 100, claim-ahead, batched acks)"
+            + (", claim_behind_wait" if CLAIM_BEHIND else ""),
             "bulk": True,
             "concurrent": True,
             "keys": ["qflowbench-{ns}:*"],
