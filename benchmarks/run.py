@@ -5,6 +5,7 @@
     python benchmarks/run.py --quick --json  # small N, machine-readable (the smoke test runs this)
     python benchmarks/run.py --hiredis       # qflow and the raw limit with redis-py's C parser
     python benchmarks/run.py --long          # the RSS run over 200,000 jobs instead of 50,000
+    python benchmarks/run.py --only rss --rss-jobs 1000000 --timeout 900   # worker RSS over a million jobs
     python benchmarks/run.py --variants      # + qflow with/without hiredis and on uvloop, in the same run
     python benchmarks/run.py --claim-behind  # + qflow with WorkerSettings(claim_behind_wait=True)
     python benchmarks/run.py --candidate /tmp/patched   # + a patched qflow (/tmp/patched/qflow), same run
@@ -594,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small N: a smoke test, not a measurement")
     parser.add_argument("--long", action="store_true", help="RSS run over 200,000 jobs")
+    parser.add_argument("--rss-jobs", type=int, default=None, help="RSS run over N jobs (e.g. 1000000)")
     parser.add_argument("--repeat", type=int, default=None, help="runs per workload (default 3; quick 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument(
@@ -646,8 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=1) if args.json else report(doc))
         return 0
     sizes = QUICK if args.quick else Sizes()
-    if args.long:
-        sizes = Sizes(**{**sizes.__dict__, "rss": 200_000})
+    if args.long or args.rss_jobs:
+        sizes = Sizes(**{**sizes.__dict__, "rss": args.rss_jobs or 200_000})
     repeat = args.repeat or (1 if args.quick else 3)
     # SIGTERM unwinds like Ctrl-C: adapter processes are killed and the throwaway server stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
