@@ -51,7 +51,7 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         State.ACTIVE,
         State.WAITING,
         "release",
-        "graceful stop: drain timeout passed; no attempt spent",
+        "graceful stop: not started (claimed ahead), or drain timeout passed; no attempt spent",
     ),
     (State.ACTIVE, State.WAITING, "recover", "lease expired (worker died); stalls <= max_stalls"),
     (
