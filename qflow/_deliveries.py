@@ -72,12 +72,26 @@ class Slots:
         """Jobs the fetcher may claim now."""
         return max(0, self.concurrency + self.ahead - self.held)
 
-    async def take(self, most: int, stop: asyncio.Event, budget: Callable[[], int] | None = None) -> int:
-        """Wait for free slots (and a positive ``budget``, if given), then take up to ``most`` of them."""
+    async def take(
+        self,
+        most: int,
+        stop: asyncio.Event,
+        budget: Callable[[], int] | None = None,
+        queued: Callable[[], int] | None = None,
+    ) -> int:
+        """Wait for free slots (and a positive ``budget``, if given), then take up to ``most`` of them.
+
+        While ``queued()`` jobs are already in line here, wait until a quarter of the limit is free (or
+        ``most``), so claims go out in batches instead of one per finished job; with nothing in line, any
+        free slot is taken at once.
+        """
         while not stop.is_set():
             n = min(self.free(), most)
             if budget is not None:
                 n = min(n, budget())
+            batch = min(most, max(1, (self.concurrency + self.ahead) // 4))
+            if 0 < n < batch and queued is not None and queued() > 0:
+                n = 0  # jobs are in line: wait for a batch's worth of free slots
             if n > 0:
                 self.held += n
                 return n
@@ -146,6 +160,10 @@ class QueueRunner:
         self.ack_event = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def queued(self) -> int:
+        """Jobs claimed here that wait in line for a lane."""
+        return sum(len(lanes.ready) for lanes in self.lanes.values())
 
     def free_slot(self, d: Delivery) -> None:
         """The handler of ``d`` is done: its slot may take the next job while the ack is on its way."""

@@ -260,7 +260,7 @@ class Worker:
             if carried is not None:
                 (n, res), carried = carried, None
             else:
-                n = await r.slots.take(self.settings.claim_batch, stop, budget)
+                n = await r.slots.take(self.settings.claim_batch, stop, budget, r.queued)
                 if n == 0:
                     break
                 try:

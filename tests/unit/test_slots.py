@@ -62,3 +62,19 @@ async def test_take_waits_for_a_slot_and_respects_the_budget() -> None:
     assert not capped.done()
     stop.set()
     assert await asyncio.wait_for(capped, 1) == 0
+
+
+async def test_take_batches_claims_while_jobs_wait_in_line() -> None:
+    slots = Slots(8, window=0)  # limit 8: a batch is 2
+    stop = asyncio.Event()
+    assert await slots.take(8, stop) == 8
+    in_line = 3
+    slots.give(1)
+    waiter = asyncio.create_task(slots.take(8, stop, queued=lambda: in_line))
+    await asyncio.sleep(0)
+    assert not waiter.done()  # one free slot while jobs wait in line: not worth a claim yet
+    slots.give(1)
+    assert await asyncio.wait_for(waiter, 1) == 2
+    slots.give(1)
+    in_line = 0
+    assert await slots.take(8, stop, queued=lambda: in_line) == 1  # nothing in line: claim at once
