@@ -31,9 +31,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
@@ -73,6 +73,26 @@ class ChildConfig(msgspec.Struct, frozen=True, kw_only=True):
     block_warning: float = 0.1
     """Seconds an ``async`` processor may hold the event loop before a warning names it."""
     fleet_interval: float = 2.0
+    loop: str = "asyncio"
+    """The event loop: ``asyncio`` or ``uvloop``."""
+
+
+def loop_runner(name: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """``asyncio.run``, or ``uvloop.run`` for ``"uvloop"`` (a clear error when it is not installed)."""
+    from .exceptions import ConfigurationError
+
+    if name == "asyncio":
+        return asyncio.run
+    if name != "uvloop":
+        raise ConfigurationError(f"unknown event loop {name!r}: asyncio or uvloop")
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigurationError(
+            "--loop uvloop: uvloop is not installed (pip install 'qflow[fast]')"
+        ) from None
+    run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+    return run
 
 
 class _Control:
@@ -196,7 +216,14 @@ def run_child(cfg: ChildConfig) -> ExitCode:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     _beat(cfg, b"b")  # booted: the target imports; the supervisor may start the other children now
     try:
-        asyncio.run(_run(worker, ctl))
+        runner = loop_runner(cfg.loop)
+    except ConfigurationError as exc:
+        log.error("cannot run %s: %s", cfg.target, exc)
+        return ExitCode.CONFIG
+    if cfg.loop != "asyncio":
+        log.info("event loop: %s", cfg.loop)
+    try:
+        runner(_run(worker, ctl))
     except BrokerUnavailable as exc:
         log.error("cannot reach Redis: %s", exc)
         return ExitCode.UNAVAILABLE

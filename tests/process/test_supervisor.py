@@ -281,6 +281,20 @@ _LINE = re.compile(
 )
 
 
+async def test_uvloop_workers_run_jobs_and_drain_on_sigterm(fleet: Fleet, queue: qflow.Queue) -> None:
+    """``--loop uvloop``: the children run on uvloop, finish their jobs on SIGTERM, the supervisor exits 0."""
+    sup = fleet.start("-p", "2", "-c", "2", "--loop", "uvloop")
+    await sup.wait_ready(2)
+    ids = await add(queue, "sleep", 0.5, 4)
+    await fleet.until(lambda: len(fleet.ledger().starts) == 4, timeout=10, what="4 jobs started")
+    sup.send(signal.SIGTERM)
+    assert await sup.wait_exit(10) == 0
+    led = fleet.ledger()
+    assert all(led.ends.get(i) for i in ids)
+    assert (await queue.counts())["completed"] == 4
+    assert sup.log().count("event loop: uvloop") == 2
+
+
 async def test_burst_drains_then_exits_zero_with_one_log_format(fleet: Fleet, queue: qflow.Queue) -> None:
     """``--burst -p 2`` exits 0 once the queues are empty; every log line has one format with name[pid]."""
     await add(queue, "sleep", 0.01, 20)

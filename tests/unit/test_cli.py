@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import signal
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from qflow import _supervisor
-from qflow._child import ChildConfig, rss_bytes
+from qflow._child import ChildConfig, loop_runner, rss_bytes
 from qflow._cli import COMMON_ENV, WORKER_ENV, configure_logging, parse_args
 from qflow._exitcodes import MEANING, ExitCode, describe_exit
 from qflow._importer import BadTarget, load_app, split_target
+from qflow.exceptions import ConfigurationError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
@@ -244,3 +247,21 @@ def test_log_lines_carry_the_process_name_and_pid(capsys: pytest.CaptureFixture[
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO    worker-7\[\d+\] qflow\.test: hello there", line
     ), line
+
+
+def test_loop_flag_and_variable_take_asyncio_or_uvloop_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--loop`` / ``QFLOW_LOOP``: asyncio (default) or uvloop; anything else is a usage error."""
+    assert parse_args(["worker", "m:app"]).loop == "asyncio"
+    assert parse_args(["worker", "m:app", "--loop", "uvloop"]).loop == "uvloop"
+    monkeypatch.setenv("QFLOW_LOOP", "uvloop")
+    assert parse_args(["worker", "m:app"]).loop == "uvloop"
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["worker", "m:app", "--loop", "trio"])
+    assert exc.value.code == 2
+
+
+def test_uvloop_asked_for_but_missing_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(ConfigurationError, match=r"uvloop is not installed \(pip install 'qflow\[fast\]'\)"):
+        loop_runner("uvloop")
+    assert loop_runner("asyncio") is asyncio.run
