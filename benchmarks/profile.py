@@ -3,6 +3,7 @@
     py-spy record -r 250 -f raw -o /tmp/add.txt -- python benchmarks/profile.py add-one 20000
     py-spy record -r 250 -f raw -o /tmp/io.txt  -- python benchmarks/profile.py io-bound 5000
     python benchmarks/profile.py summarize /tmp/add.txt     # shares of samples, by frame
+    python benchmarks/profile.py pickup 1500                # where an idle worker's pickup time goes
 
 Each target starts its own throwaway valkey-server (``qflow.testing.local_server``) and prints its rate.
 """
@@ -49,6 +50,70 @@ async def io_bound(url: str, n: int) -> None:
     await app.close()
 
 
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1e6
+
+
+async def _pickup_once(url: str, n: int, behind: bool, claimed: dict[str, float]) -> dict[str, list[float]]:
+    worker_settings = qflow.WorkerSettings(claim_behind_wait=behind)
+    app = qflow.App(url, prefix=f"profile-pickup-{int(behind)}", worker=worker_settings)
+    q = app.queue("p")
+    stamps: dict[str, tuple[float, float]] = {}
+    began: dict[str, float] = {}
+    all_began = asyncio.Event()
+
+    @q.processor(concurrency=100)
+    async def job(j: qflow.Job[Any]) -> None:
+        began[j.id] = time.perf_counter()
+        if len(began) == n:
+            all_began.set()
+
+    worker = qflow.Worker(app)
+    task = asyncio.create_task(worker.run())
+    await worker.ready.wait()
+    await asyncio.sleep(0.5)  # let the fetcher park on the server: the worker is idle when jobs come
+    for i in range(n):
+        t0 = time.perf_counter()
+        handle = await q.add("job", i)
+        stamps[handle.id] = (t0, time.perf_counter())
+        await asyncio.sleep(0.002)  # about 500 jobs/s
+    await asyncio.wait_for(all_began.wait(), 30)
+    worker.stop()
+    await task
+    await app.close()
+    ids = list(stamps)[n // 10 :]  # the first tenth warms up
+    return {
+        "add() returned": [stamps[i][1] - stamps[i][0] for i in ids],
+        "claim reply processed": [claimed[i] - stamps[i][0] for i in ids],
+        "handler began": [began[i] - stamps[i][0] for i in ids],
+        "  claim reply -> handler": [began[i] - claimed[i] for i in ids],
+    }
+
+
+async def pickup(url: str, n: int) -> None:
+    """Pickup latency of an idle worker at about 500 jobs/s, split where the worker sees the job.
+
+    Stamps (``time.perf_counter``, one process): before ``add``; ``add`` returned; the claim reply reached
+    ``Worker._start`` (wrapped here); the handler began. Run for the default and ``claim_behind_wait``.
+    """
+    from qflow import _worker
+
+    claimed: dict[str, float] = {}
+    real_start = _worker.Worker._start
+
+    def start(self: Any, r: Any, d: Any) -> None:
+        claimed[d.id] = time.perf_counter()
+        real_start(self, r, d)
+
+    _worker.Worker._start = start  # type: ignore[method-assign]  # a measuring hook, this process only
+    for behind in (False, True):
+        rows = await _pickup_once(url, n, behind, claimed)
+        print(f"claim_behind_wait={behind}: microseconds after the producer called add() (p50 / p99)")
+        for name, values in rows.items():
+            print(f"  {name:26} {_pct(values, 50):8,.0f} / {_pct(values, 99):8,.0f}")
+
+
 def summarize(path: str, top: int = 30) -> None:
     """Shares of a py-spy ``-f raw`` profile: by innermost frame, and by every frame on the stack."""
     total = 0
@@ -75,13 +140,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("target", choices=["add-one", "io-bound", "summarize"])
-    parser.add_argument("arg", help="jobs (add-one, io-bound) or a py-spy raw file (summarize)")
+    parser.add_argument("target", choices=["add-one", "io-bound", "pickup", "summarize"])
+    parser.add_argument("arg", help="jobs (add-one, io-bound, pickup) or a py-spy raw file (summarize)")
     args = parser.parse_args()
     if args.target == "summarize":
         summarize(args.arg)
         return
-    run = add_one if args.target == "add-one" else io_bound
+    run = {"add-one": add_one, "io-bound": io_bound, "pickup": pickup}[args.target]
     with local_server() as url:
         asyncio.run(run(url, int(args.arg)))
 
