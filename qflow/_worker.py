@@ -253,6 +253,10 @@ class Worker:
             k.errors,
             k.stats,
         ]
+
+        def claim_args(n: int) -> list[Any]:
+            return [n, lease_ms, 1000, max_envelope, too_large]
+
         budget = None if self.max_jobs is None else self._job_budget
         failures = 0
         carried: tuple[int, Any] | None = None  # (slots taken, claim reply) from _wait_then_claim
@@ -264,7 +268,7 @@ class Worker:
                 if n == 0:
                     break
                 try:
-                    res = await claim(client, keys, [n, lease_ms, 1000, max_envelope, too_large])
+                    res = await claim(client, keys, claim_args(n))
                     failures = 0
                 except (BrokerUnavailable, BrokerFull) as exc:
                     r.slots.give(n)
@@ -299,7 +303,7 @@ class Worker:
             n = await r.slots.take(1, stop, budget)
             if n == 0:
                 break
-            res = await self._wait_then_claim(r, timeout, keys, [n, lease_ms, 1000, max_envelope, too_large])
+            res = await self._wait_then_claim(r, timeout, keys, claim_args(n))
             if res is None:
                 r.slots.give(n)
             else:
@@ -497,7 +501,7 @@ class Worker:
         try:
             nxt: Delivery | None = d
             while nxt is not None:
-                await self._run_one(r, proc, nxt, task)
+                await self._run_one(r, nxt, task, functools.partial(self._execute, r, nxt, proc))
                 nxt = None
                 while lanes.ready and not self.stopping:
                     candidate = lanes.ready.popleft()
@@ -509,8 +513,9 @@ class Worker:
             lanes.running -= 1
 
     async def _run_one(
-        self, r: QueueRunner, proc: Processor[Any, Any], d: Delivery, task: asyncio.Task[Any]
+        self, r: QueueRunner, d: Delivery, task: asyncio.Task[Any], work: Callable[[], Awaitable[None]]
     ) -> None:
+        """Run ``work`` for one delivery in ``task`` (a lane or a one-off): cancellation, counts, cleanup."""
         if self.stopping:
             # Dispatched as the worker stopped: hand it back unstarted (no attempt spent).
             d.cancel_reason = d.cancel_reason or "release"
@@ -520,7 +525,7 @@ class Worker:
         d.started = True
         handled = False
         try:
-            await self._execute(r, d, proc)
+            await work()
             handled = d.cancel_reason is None
         except asyncio.CancelledError:
             if d.cancel_reason is None:
@@ -539,21 +544,10 @@ class Worker:
             # else: _acked finishes it when the ack's round trip returns
 
     async def _reject(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo) -> None:
-        """Fail a job that cannot run here (undecodable envelope, unknown name)."""
-        d.task = asyncio.current_task()
-        d.started = True
-        handled = False
-        try:
-            await self._fail(r, d, info)
-            handled = d.cancel_reason is None
-        except asyncio.CancelledError:
-            if d.cancel_reason is None:
-                raise
-        except Exception:
-            log.exception("internal error while failing job %s:%s", r.queue.name, d.id)
-        finally:
-            d.task = None
-            self._finish(r, d, handled)
+        """Fail a job that cannot run here (undecodable envelope, unknown name), in a one-off task."""
+        task = asyncio.current_task()
+        assert task is not None
+        await self._run_one(r, d, task, functools.partial(self._fail, r, d, info))
 
     def _finish(self, r: QueueRunner, d: Delivery, handled: bool) -> None:
         """A delivery is done here: count it, free its slot, forget it (released ones wait for _drain)."""
