@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.abc
+import inspect
 import json
 import os
 import sys
@@ -112,6 +113,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency", action="store_true")
     p.add_argument("--retain", type=int, default=0, help="finished jobs to keep (0: the system's default)")
     return p.parse_args(argv)
+
+
+def main(
+    info: Callable[[argparse.Namespace], None],
+    enqueue: Callable[[argparse.Namespace], Any],
+    worker: Callable[[argparse.Namespace], None],
+) -> None:
+    """An adapter's entry point: parse the command line, configure, run ``info``, ``enqueue`` or ``worker``.
+
+    ``enqueue`` may be a coroutine function (run on the event loop run.py asked for) or a plain one.
+    """
+    args = parse_args()
+    configure()
+    if args.command == "info":
+        info(args)
+    elif args.command == "enqueue":
+        if inspect.iscoroutinefunction(enqueue):
+            run_async(lambda: enqueue(args))
+        else:
+            enqueue(args)
+    else:
+        worker(args)
 
 
 def paced(n: int, rate: float) -> list[float]:

@@ -98,14 +98,7 @@ def worker(args: Any) -> None:
 
 
 def main() -> None:
-    args = P.parse_args()
-    P.configure()
-    if args.command == "info":
-        info(args)
-    elif args.command == "enqueue":
-        P.run_async(lambda: enqueue(args))
-    else:
-        worker(args)
+    P.main(info, enqueue, worker)
 
 
 if __name__ == "__main__":
