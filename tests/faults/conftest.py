@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -28,6 +28,8 @@ from tests.faults.harness import (
     Snapshot,
     ValkeyServer,
     check,
+    poll,
+    progressed,
     snapshot,
 )
 from tests.process import ledger_app
@@ -162,6 +164,27 @@ async def settle(
                 + f"\n{details()}"
             )
         await asyncio.sleep(0.05)
+
+
+T = TypeVar("T")
+
+
+async def inject_rounds(
+    inject: Callable[[], T], client: redis.Redis, queue: qflow.Queue, what: str, rounds: int = 3
+) -> list[T]:
+    """Inject a fault ``rounds`` times under load, each time waiting until 10 more jobs completed.
+
+    Returns what each ``inject()`` returned (connections reset or killed, say).
+    """
+    out = []
+    for round_ in range(rounds):
+        out.append(inject())
+        await poll(
+            progressed(client, queue.keys.completed, 10),
+            timeout=10,
+            what=f"progress after {what} {round_ + 1}",
+        )
+    return out
 
 
 def ledger_figures(led: Ledger, ids: Iterable[str]) -> dict[str, int]:

@@ -25,6 +25,7 @@ from tests.faults.conftest import (
     add_work,
     assert_clean,
     failures_logged,
+    inject_rounds,
     ledger_figures,
     settle,
 )
@@ -37,7 +38,6 @@ from tests.faults.harness import (
     ValkeyServer,
     check,
     poll,
-    progressed,
     seconds,
 )
 from tests.faults.test_worker_crashes import result_pid
@@ -137,18 +137,11 @@ async def test_connection_resets_lose_nothing_and_run_nothing_twice(
     a lost add is retried with its id, a lost claim reply comes back by lease; nothing lost or run twice."""
     a = await fault_workers.start(concurrency=4, url=proxy.url)
     b = await fault_workers.start(concurrency=4, url=proxy.url)
-    resets = []
     with Running(proxied_producer, rate=40, seconds=0.1) as run:
         await poll(
             lambda: direct.zcard(proxied_producer.keys.completed) >= 20, timeout=15, what="jobs flowing"
         )
-        for round_ in range(3):
-            resets.append(proxy.reset_all())
-            await poll(
-                progressed(direct, proxied_producer.keys.completed, 10),
-                timeout=10,
-                what=f"progress after reset {round_ + 1}",
-            )
+        resets = await inject_rounds(proxy.reset_all, direct, proxied_producer, "reset")
         acked = await run.stop()
     snap, _ = await settle(direct, proxied_producer, acked, timeout=20, details=fault_workers.logs)
     c = check(snap, acked)

@@ -26,6 +26,7 @@ from tests.faults.conftest import (
     add_work,
     assert_clean,
     failures_logged,
+    inject_rounds,
     ledger_figures,
     settle,
 )
@@ -36,7 +37,6 @@ from tests.faults.harness import (
     ValkeyServer,
     check,
     poll,
-    progressed,
     seconds,
     snapshot,
 )
@@ -243,17 +243,12 @@ async def test_client_kill_of_every_connection(
     no lease lapses (a renewal retries on a new connection within the lease), nothing runs twice."""
     pids = await start_two(fault_workers)
     direct = server.client()
-    killed = []
     with Running(producer, rate=RATE, seconds=JOB_S) as run:
         await poll(lambda: direct.zcard(producer.keys.completed) >= 20, timeout=15, what="20 jobs done")
         t0 = time.monotonic()
-        for round_ in range(3):
-            killed.append(int(direct.client_kill_filter(_type="normal", skipme=True)))
-            await poll(
-                progressed(direct, producer.keys.completed, 10),
-                timeout=10,
-                what=f"progress after kill {round_ + 1}",
-            )
+        killed = await inject_rounds(
+            lambda: int(direct.client_kill_filter(_type="normal", skipme=True)), direct, producer, "kill"
+        )
         recovery = await probe(producer, "client-kill")
         acked = await run.stop()
     snap, _ = await settle(direct, producer, acked, timeout=30, details=fault_workers.logs)
@@ -289,13 +284,7 @@ async def test_script_flush_mid_run(
     direct = server.client()
     with Running(producer, rate=RATE, seconds=JOB_S) as run:
         await poll(lambda: direct.zcard(producer.keys.completed) >= 20, timeout=15, what="20 jobs done")
-        for round_ in range(3):
-            direct.script_flush("SYNC")
-            await poll(
-                progressed(direct, producer.keys.completed, 10),
-                timeout=10,
-                what=f"progress after flush {round_ + 1}",
-            )
+        await inject_rounds(lambda: direct.script_flush("SYNC"), direct, producer, "flush")
         acked = await run.stop()
     snap, _ = await settle(direct, producer, acked, timeout=30, details=fault_workers.logs)
     c = check(snap, acked)
