@@ -83,7 +83,9 @@ def encode_payload(payload: Any, *, limit: int, what: str) -> bytes:
     try:
         data = _encoder.encode(payload)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise PayloadError(f"{what}: payload cannot be encoded with msgspec: {exc}") from exc
+        raise PayloadError(
+            f"{what}: payload cannot be encoded with msgspec: {type(exc).__name__}: {exc}"
+        ) from exc
     if len(data) > limit:
         raise PayloadTooLarge(
             f"{what}: encoded payload is {len(data):,} bytes, over max_payload_bytes={limit:,}; "

@@ -32,9 +32,9 @@ PATTERNS = {
     ],
     "delayed": ["'abandoned cart, first nudge': 'delayed'", "'order confirmation': ran"],
     "typed": [
-        "refused: payload does not match Order: Expected `int`, got `str`",
-        "unknown field `coupon`",
-        "Invalid enum value 'drone'",
+        # then msgspec's words (its wording changes between releases; tests/integration/test_bad_input.py
+        # checks the field named and the cause's class)
+        "refused: payload does not match Order: ",
         "order 1042: 48.99 total",
         "order 1043: 39.00 total",
     ],

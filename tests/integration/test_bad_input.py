@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -191,21 +192,19 @@ async def test_producer_only_app_enforces_the_payload_limit(redis_url: str, pref
 
 
 @pytest.mark.parametrize(
-    ("payload", "fragment"),
+    ("payload", "field"),
     [
-        pytest.param(
-            {"user_id": "42"}, r"Expected `int`, got `str` - at `\$\.user_id`", id="wrong-field-type"
-        ),
-        pytest.param({}, r"missing required field `user_id`", id="missing-field"),
-        pytest.param({"user_id": None}, r"Expected `int`, got `null` - at `\$\.user_id`", id="null-field"),
-        pytest.param("user 42", r"Expected `object`, got `str`", id="not-an-object"),
-        pytest.param(None, r"Expected `object`, got `null`", id="none"),
+        pytest.param({"user_id": "42"}, "user_id", id="wrong-field-type"),
+        pytest.param({}, "user_id", id="missing-field"),
+        pytest.param({"user_id": None}, "user_id", id="null-field"),
+        pytest.param("user 42", None, id="not-an-object"),
+        pytest.param(None, None, id="none"),
     ],
 )
 async def test_wrong_type_payload_for_struct_processor_is_refused_naming_the_field(
-    app: qflow.App, payload: object, fragment: str
+    app: qflow.App, payload: object, field: str | None
 ) -> None:
-    """A payload not fitting the processor's Struct raises PayloadError saying where; nothing is written."""
+    """A payload not fitting the processor's Struct raises PayloadError naming the field; nothing is written."""
     q = app.queue("email")
 
     @q.processor(attempts=3)
@@ -214,7 +213,10 @@ async def test_wrong_type_payload_for_struct_processor_is_refused_naming_the_fie
 
     with pytest.raises(qflow.PayloadError, match=r"email:welcome: payload does not match Welcome") as caught:
         await q.add("welcome", payload)
-    assert caught.match(fragment)
+    # qflow's contract is the class of the cause and the field it names, not msgspec's wording.
+    assert isinstance(caught.value.__cause__, msgspec.ValidationError)
+    if field is not None:
+        assert field in str(caught.value)
     assert not isinstance(caught.value, qflow.PayloadTooLarge)
     assert await stored_keys(app) == []
 
@@ -229,18 +231,16 @@ async def test_wrong_type_payload_for_struct_processor_is_refused_naming_the_fie
 
 
 @pytest.mark.parametrize(
-    ("payload", "fragment"),
+    ("payload", "cause"),
     [
-        pytest.param(object(), r"Encoding objects of type object is unsupported", id="object"),
-        pytest.param(
-            {"a": [1, object()]}, r"Encoding objects of type object is unsupported", id="nested-object"
-        ),
-        pytest.param(2**70, r"can't serialize ints", id="int-over-64-bits"),
-        pytest.param(_nested(100_000), r"maximum recursion depth", id="100k-deep-list"),
+        pytest.param(object(), TypeError, id="object"),
+        pytest.param({"a": [1, object()]}, TypeError, id="nested-object"),
+        pytest.param(2**70, OverflowError, id="int-over-64-bits"),
+        pytest.param(_nested(100_000), RecursionError, id="100k-deep-list"),
     ],
 )
 async def test_unencodable_payload_is_refused_and_nothing_written(
-    app: qflow.App, payload: object, fragment: str
+    app: qflow.App, payload: object, cause: type[Exception]
 ) -> None:
     """A payload msgspec cannot encode raises PayloadError at add; nothing is written, good jobs still run."""
     q = app.queue("plain")
@@ -253,7 +253,8 @@ async def test_unencodable_payload_is_refused_and_nothing_written(
         qflow.PayloadError, match=r"plain:echo: payload cannot be encoded with msgspec"
     ) as caught:
         await q.add("echo", payload)
-    assert caught.match(fragment)
+    assert isinstance(caught.value.__cause__, cause)
+    assert caught.match(f"with msgspec: {cause.__name__}: ")
     assert await stored_keys(app) == []
 
     before = await q.add("echo", {"n": 1})
@@ -353,41 +354,44 @@ def _env(name: bytes, payload: bytes) -> bytes:
 _ECHO = msgspec.msgpack.encode("echo")
 _WELCOME = msgspec.msgpack.encode("welcome")
 _ENVELOPE = "job envelope cannot be decoded: "
+# qflow's contract for a stored job it cannot decode: the message says which part failed (the envelope, or the
+# payload of which job as which type) and names the decode error's class; the text after that is msgspec's and
+# changes between its releases (0.23 reports invalid UTF-8 as DecodeError, older ones as UnicodeDecodeError).
+_CAUSES = "|".join(cls.__name__ for cls in _codec.DECODE_ERRORS)
 
-# (test id, envelope bytes, what the failure message must contain)
-HOSTILE_CASES: list[tuple[str, bytes, str]] = [
-    ("garbage-bytes", b"\xc1garbage", f"{_ENVELOPE}DecodeError: MessagePack data is malformed"),
-    ("empty", b"", f"{_ENVELOPE}DecodeError: Input data was truncated"),
-    (
-        "truncated-payload",
-        _env(_WELCOME, b"\x81\xa7user_id"),
-        f"{_ENVELOPE}DecodeError: Input data was truncated",
-    ),
-    (
-        "non-utf8-str-payload",
-        _env(_ECHO, b"\xa2\xff\xfe"),
-        "payload of job inbox:echo cannot be decoded as Any: UnicodeDecodeError",
-    ),
-    ("non-utf8-name", _env(b"\xa2\xff\xfe", b"\x01"), f"{_ENVELOPE}UnicodeDecodeError"),
+
+def _payload_of(job: str, typ: str) -> str:
+    return f"payload of job {job} cannot be decoded as {typ}: "
+
+
+# (test id, envelope bytes, the part qflow names, a field the message must name or None)
+HOSTILE_CASES: list[tuple[str, bytes, str, str | None]] = [
+    ("garbage-bytes", b"\xc1garbage", _ENVELOPE, None),
+    ("empty", b"", _ENVELOPE, None),
+    ("truncated-payload", _env(_WELCOME, b"\x81\xa7user_id"), _ENVELOPE, None),
+    ("non-utf8-str-payload", _env(_ECHO, b"\xa2\xff\xfe"), _payload_of("inbox:echo", "Any"), None),
+    ("non-utf8-name", _env(b"\xa2\xff\xfe", b"\x01"), _ENVELOPE, None),
     # The envelope decoder already walks the raw payload, so nesting trips it before the payload decoder.
-    ("100k-deep-payload", _env(_ECHO, b"\x91" * 100_000 + b"\xc0"), f"{_ENVELOPE}RecursionError"),
-    ("pickle-envelope", pickle.dumps(Welcome(user_id=1)), f"{_ENVELOPE}ValidationError"),
-    ("pickle-payload", _env(_WELCOME, pickle.dumps({"user_id": 1})), f"{_ENVELOPE}DecodeError"),
+    ("100k-deep-payload", _env(_ECHO, b"\x91" * 100_000 + b"\xc0"), _ENVELOPE, None),
+    ("pickle-envelope", pickle.dumps(Welcome(user_id=1)), _ENVELOPE, None),
+    ("pickle-payload", _env(_WELCOME, pickle.dumps({"user_id": 1})), _ENVELOPE, None),
     (
         "wrong-type-payload",
         _env(_WELCOME, msgspec.msgpack.encode({"user_id": "1"})),
-        "payload of job inbox:welcome cannot be decoded as Welcome: ValidationError: "
-        "Expected `int`, got `str` - at `$.user_id`",
+        _payload_of("inbox:welcome", "Welcome"),
+        "user_id",
     ),
-    ("non-str-name", _env(b"\x7b", b"\x01"), f"{_ENVELOPE}ValidationError: Expected `str`, got `int`"),
-    ("envelope-not-an-array", msgspec.msgpack.encode({"name": "echo"}), f"{_ENVELOPE}ValidationError"),
+    ("non-str-name", _env(b"\x7b", b"\x01"), _ENVELOPE, None),
+    ("envelope-not-an-array", msgspec.msgpack.encode({"name": "echo"}), _ENVELOPE, None),
 ]
-HOSTILE = [pytest.param(env, fragment, id=case_id) for case_id, env, fragment in HOSTILE_CASES]
+HOSTILE = [
+    pytest.param(env, part, field, id=case_id) for case_id, env, part, field in HOSTILE_CASES
+]
 
 
-@pytest.mark.parametrize(("envelope", "fragment"), HOSTILE)
+@pytest.mark.parametrize(("envelope", "part", "field"), HOSTILE)
 async def test_undecodable_injected_job_fails_with_payload_error_and_worker_keeps_running(
-    app: qflow.App, envelope: bytes, fragment: str
+    app: qflow.App, envelope: bytes, part: str, field: str | None
 ) -> None:
     """Hostile bytes stored as a job make that job fail (kind "payload"); good jobs on both sides complete."""
     q = app.queue("inbox")
@@ -411,7 +415,9 @@ async def test_undecodable_injected_job_fails_with_payload_error_and_worker_keep
         assert await late.result(timeout=10) == 4
 
     assert failed.error_type == "PayloadError"
-    assert fragment in failed.message
+    assert re.match(f"{re.escape(part)}({_CAUSES}): ", failed.message), failed.message
+    if field is not None:
+        assert field in failed.message
     assert kind == "payload"
     await assert_counts(q, completed=3, failed=1)
     stats = await q.stats()
@@ -433,7 +439,7 @@ async def test_many_hostile_jobs_in_one_claim_batch_lose_no_good_job(app: qflow.
 
     good: list[qflow.Job[Any]] = []
     bad: list[qflow.Job[Any]] = []
-    for i, (case_id, envelope, _) in enumerate(HOSTILE_CASES):
+    for i, (case_id, envelope, _, _) in enumerate(HOSTILE_CASES):
         good.append(await q.add("echo", i))
         bad.append(await inject(q, f"hostile-{case_id}", envelope))
         good.append(await q.add("welcome", {"user_id": i}))
@@ -507,15 +513,15 @@ async def test_injected_job_with_unregistered_name_fails_naming_it(redis_url: st
 
 
 @pytest.mark.parametrize(
-    ("result", "fragment"),
+    ("result", "cause"),
     [
-        pytest.param(object(), "Encoding objects of type object is unsupported", id="object"),
-        pytest.param(2**70, "can't serialize ints", id="int-over-64-bits"),
-        pytest.param(_nested(100_000), "maximum recursion depth", id="100k-deep-list"),
+        pytest.param(object(), TypeError, id="object"),
+        pytest.param(2**70, OverflowError, id="int-over-64-bits"),
+        pytest.param(_nested(100_000), RecursionError, id="100k-deep-list"),
     ],
 )
 async def test_unencodable_result_fails_the_job_with_kind_result(
-    app: qflow.App, result: object, fragment: str
+    app: qflow.App, result: object, cause: type[Exception]
 ) -> None:
     """A return value msgspec cannot encode fails that job (kind "result"); the worker runs the next jobs."""
     q = app.queue("results")
@@ -536,8 +542,9 @@ async def test_unencodable_result_fails_the_job_with_kind_result(
         assert [await before.result(timeout=10), await after.result(timeout=10)] == [1, 2]
 
     assert failed.error_type == "PayloadError"
-    assert "result of results:bad" in failed.message
-    assert fragment in failed.message
+    assert failed.message.startswith(
+        f"result of results:bad: payload cannot be encoded with msgspec: {cause.__name__}: "
+    )
     assert kind == "result"
     await assert_counts(q, completed=2, failed=1)
 
