@@ -204,7 +204,7 @@ async def test_producer_only_app_enforces_the_payload_limit(redis_url: str, pref
 async def test_wrong_type_payload_for_struct_processor_is_refused_naming_the_field(
     app: qflow.App, payload: object, field: str | None
 ) -> None:
-    """A payload not fitting the processor's Struct raises PayloadError naming the field; nothing is written."""
+    """A payload not fitting the processor's Struct raises PayloadError naming the field; nothing written."""
     q = app.queue("email")
 
     @q.processor(attempts=3)
@@ -384,9 +384,7 @@ HOSTILE_CASES: list[tuple[str, bytes, str, str | None]] = [
     ("non-str-name", _env(b"\x7b", b"\x01"), _ENVELOPE, None),
     ("envelope-not-an-array", msgspec.msgpack.encode({"name": "echo"}), _ENVELOPE, None),
 ]
-HOSTILE = [
-    pytest.param(env, part, field, id=case_id) for case_id, env, part, field in HOSTILE_CASES
-]
+HOSTILE = [pytest.param(env, part, field, id=case_id) for case_id, env, part, field in HOSTILE_CASES]
 
 
 @pytest.mark.parametrize(("envelope", "part", "field"), HOSTILE)
