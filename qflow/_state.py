@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
-__all__ = ("TERMINAL", "TRANSITIONS", "Backoff", "Decision", "State", "decide_after_error")
+__all__ = ("DEFAULT_BACKOFF", "TERMINAL", "TRANSITIONS", "Backoff", "Decision", "State", "decide_after_error")
 
 
 class State(enum.StrEnum):
@@ -91,6 +91,12 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return base
 
 
+DEFAULT_BACKOFF: Final = Backoff(kind="exponential", delay=1.0, max_delay=3600.0, jitter=0.25)
+"""The retry spacing of a job whose processor and ``add`` set no ``backoff``: about 1 s, 2 s, 4 s… up to an
+hour, each wait shortened at random by up to a quarter so that jobs which failed together (a dependency
+went down) do not all retry in the same instant. ``Backoff(kind="fixed", delay=0)`` retries at once."""
+
+
 class Decision(msgspec.Struct, frozen=True):
     """What to do after a failed attempt: retry after ``delay`` seconds, or fail for good."""
 
@@ -109,7 +115,8 @@ def decide_after_error(
     """Decide the fate of a job whose handler just raised.
 
     ``attempts_spent`` counts earlier failed attempts, not this one. ``requested_delay`` is set when the
-    handler raised ``qflow.Retry(delay=...)``; it wins over the backoff policy. Crash recoveries (stalls) are
+    handler raised ``qflow.Retry(delay=...)``; it wins over the backoff policy. ``backoff=None`` means
+    ``DEFAULT_BACKOFF``. Crash recoveries (stalls) are
     counted apart and never reach here.
     """
     this_attempt = attempts_spent + 1
@@ -117,6 +124,4 @@ def decide_after_error(
         return Decision(retry=False)
     if requested_delay is not None:
         return Decision(retry=True, delay=requested_delay)
-    if backoff is None:
-        return Decision(retry=True, delay=0.0)
-    return Decision(retry=True, delay=backoff.seconds(this_attempt, rng))
+    return Decision(retry=True, delay=(backoff or DEFAULT_BACKOFF).seconds(this_attempt, rng))

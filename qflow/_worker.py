@@ -105,6 +105,10 @@ class Worker:
         self.companions = tuple(companions)
         self.jobs_done = 0
         """Jobs this worker completed."""
+        self.jobs_failed = 0
+        """Jobs this worker recorded as failed for good (handler errors, bad payloads, unknown names)."""
+        self.jobs_retried = 0
+        """Failed attempts this worker scheduled for a retry."""
         self.jobs_handled = 0
         """Jobs this worker finished in any way (completed, failed, retried)."""
         self.stale_acks = 0
@@ -203,7 +207,14 @@ class Worker:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            log.info("worker %s stopped: %d jobs done", self.id, self.jobs_done)
+            log.info(
+                "worker %s stopped: %d jobs handled (%d completed, %d failed, %d retried)",
+                self.id,
+                self.jobs_handled,
+                self.jobs_done,
+                self.jobs_failed,
+                self.jobs_retried,
+            )
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop is not None and self._stop.is_set():
@@ -620,14 +631,6 @@ class Worker:
             )
             await self._retry(r, d, decision.delay, info)
         else:
-            log.warning(
-                "job %s:%s failed after %d attempt(s): %s: %s",
-                q.name,
-                d.id,
-                job.attempt,
-                info.type,
-                info.message,
-            )
             await self._fail(r, d, info, spent=True)
 
     def _may_ack(self, d: Delivery) -> bool:
@@ -753,8 +756,18 @@ class Worker:
         )
 
     async def _fail(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo, *, spent: bool = True) -> None:
+        """Record a job as failed for good. Every such failure is logged here, in one form, whatever
+        its kind (a handler's error, a timeout, a bad payload, an unknown name, an unencodable result)."""
         if not self._may_ack(d):
             return
+        log.warning(
+            "job %s:%s failed after %d attempt(s): %s: %s",
+            r.queue.name,
+            d.id,
+            d.attempts + 1,
+            info.type,
+            info.message,
+        )
         k = r.keys
         ret = r.queue.retention
         keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
@@ -785,7 +798,9 @@ class Worker:
         d.finishing = True
         r.free_slot(d)
         ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
-        if not ok:
+        if ok:
+            self.jobs_failed += 1
+        else:
             self._stale(r, d, "fail")
 
     async def _retry(self, r: QueueRunner, d: Delivery, delay: float, info: _codec.ErrorInfo) -> None:
@@ -798,7 +813,9 @@ class Worker:
         d.finishing = True
         r.free_slot(d)
         ok = await self._with_retries(lambda: retry(self.app.redis(), keys, argv))
-        if not ok:
+        if ok:
+            self.jobs_retried += 1
+        else:
             self._stale(r, d, "retry")
 
     # -- leases ------------------------------------------------------------------------------------------

@@ -449,3 +449,52 @@ async def test_worker_warns_when_the_server_breaks_the_durability_promise(
     assert len(worker.server_warnings) == expected_aof + expected_policy
     for text in worker.server_warnings:
         assert text in caplog.text
+
+
+async def test_every_kind_of_failure_is_logged_once_as_a_warning_in_one_form(
+    redis_url: str, app: qflow.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler error, an unknown job name, a bad payload and an unencodable result each log one WARNING
+    'job Q:ID failed after N attempt(s): Type: message'; the stop line counts them as failed."""
+    q = app.queue("logged")
+
+    @q.processor
+    async def broken(job: qflow.Job[None]) -> None:
+        raise ValueError("handler says no")
+
+    @q.processor
+    async def typed(job: qflow.Job[int]) -> int:
+        return job.payload
+
+    @q.processor
+    async def unencodable(job: qflow.Job[None]) -> object:
+        return object()
+
+    # A producer that did not import the processors may add any name and any payload.
+    async with qflow.App(redis_url, prefix=app.prefix) as producer:
+        pq = producer.queue("logged")
+        jobs = {
+            "ValueError": await pq.add("broken"),
+            "UnknownJobName": await pq.add("send_ghost", {"to": "nobody"}),
+            "PayloadError": await pq.add("typed", "not an int"),
+        }
+    result_job = await unencodable.enqueue(None)
+
+    worker = qflow.Worker(app, burst=True, settings=FAST)
+    with caplog.at_level("INFO", logger="qflow"):
+        await worker.run()
+
+    failures = [r for r in caplog.records if "failed after" in r.getMessage()]
+    by_id = {r.getMessage().split(" ")[1]: r for r in failures}
+    assert len(failures) == 4
+    for error_type, job in jobs.items():
+        record = by_id[f"logged:{job.id}"]
+        assert record.levelname == "WARNING"
+        prefix = f"job logged:{job.id} failed after 1 attempt(s): {error_type}: "
+        assert record.getMessage().startswith(prefix)
+    result_line = by_id[f"logged:{result_job.id}"].getMessage()
+    assert result_line.startswith(
+        f"job logged:{result_job.id} failed after 1 attempt(s): PayloadError: result of"
+    )
+    assert worker.jobs_failed == 4
+    assert "stopped: 4 jobs handled (0 completed, 4 failed, 0 retried)" in caplog.text

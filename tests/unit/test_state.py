@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflow._state import TERMINAL, TRANSITIONS, Backoff, State, decide_after_error
+from qflow._state import DEFAULT_BACKOFF, TERMINAL, TRANSITIONS, Backoff, State, decide_after_error
 
 
 def test_fixed_backoff_waits_the_same_every_time() -> None:
@@ -51,6 +51,19 @@ def test_decision_retries_until_the_last_attempt() -> None:
         for n in range(3)
     ]
     assert [d.retry for d in decisions] == [True, True, False]
+
+
+def test_no_backoff_means_the_default_exponential_backoff_with_jitter() -> None:
+    """Without a backoff, retries wait about 1 s, then 2 s, 4 s (shortened by up to a quarter), never 0."""
+    rng = random.Random(7)
+    decisions = [
+        decide_after_error(attempts_spent=n, max_attempts=5, backoff=None, requested_delay=None, rng=rng)
+        for n in range(3)
+    ]
+    delays = [d.delay for d in decisions]
+    for delay, base in zip(delays, [1.0, 2.0, 4.0], strict=True):
+        assert 0.75 * base <= delay <= base
+    assert DEFAULT_BACKOFF.max_delay == 3600.0
 
 
 def test_requested_delay_wins_over_backoff() -> None:
