@@ -39,7 +39,12 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         "a worker took it under a lease with a new fencing token",
     ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
-    (State.ACTIVE, State.WAITING, "retry", "the handler raised; attempts left; no backoff delay"),
+    (
+        State.ACTIVE,
+        State.WAITING,
+        "retry",
+        "the handler raised; attempts left; a zero delay (Retry(delay=0) or a fixed 0 backoff)",
+    ),
     (State.ACTIVE, State.DELAYED, "retry", "the handler raised; attempts left; backoff delay"),
     (
         State.ACTIVE,

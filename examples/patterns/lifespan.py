@@ -19,12 +19,18 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 
-import httpx
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from examples._extras import require
+
+try:
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+except ModuleNotFoundError:  # name the extra to install, not a traceback
+    require("examples.patterns.lifespan", "httpx", "starlette", "uvicorn")
+    raise
 
 import qflow
 
