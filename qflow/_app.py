@@ -22,7 +22,7 @@ from .exceptions import ConfigurationError
 if TYPE_CHECKING:
     from ._queue import Queue
 
-__all__ = ("App",)
+__all__ = ("App", "resolve_url")
 
 _URL_VARS = ("QFLOW_REDIS_URL", "REDIS_URL")
 
@@ -67,28 +67,21 @@ class App:
 
     @property
     def url(self) -> str:
+        """The Redis URL in use: ``resolve_url()`` (which may start the embedded server)."""
+        return self.resolve_url()
+
+    def resolve_url(self, *, announce: bool = True) -> str:
         """The Redis URL in use: the argument, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``.
 
-        With none of them (and ``QFLOW_EMBEDDED`` not ``0``), the project's embedded Valkey server: started
-        on first need, detached, reached over a unix socket under ``./.qflow`` (or ``QFLOW_HOME``).
+        With none of them (and ``QFLOW_EMBEDDED`` not ``0``), the project's embedded Valkey server, started
+        on first need, detached, reached over a unix socket. Its directory is ``QFLOW_HOME``, else ``.qflow``
+        in the nearest directory at or above the current one holding a ``pyproject.toml``, ``setup.py``,
+        ``setup.cfg`` or ``.git`` (so every subdirectory of a project reaches the same server), else
+        ``./.qflow``. The first call in a process says on stderr which server and why; ``announce=False``
+        leaves that line out in a process whose command already printed it (starting the server is still
+        said).
         """
-        if self._url:
-            return self._url
-        for var in _URL_VARS:
-            value = os.environ.get(var)
-            if value:
-                return value
-        from . import _embedded
-
-        if _embedded.embedded_disabled():
-            raise ConfigurationError(
-                "no Redis URL: pass App(url=...) or set QFLOW_REDIS_URL (or REDIS_URL), e.g. "
-                "QFLOW_REDIS_URL=redis://127.0.0.1:6379/0 (QFLOW_EMBEDDED=0 turned the embedded server off)"
-            )
-        server = _embedded.server_for()
-        started = _embedded.ensure_running(server)
-        _embedded.announce(server, started)
-        return server.url
+        return resolve_url(self._url, announce=announce)
 
     def queue(self, name: str, *, retention: RetentionSettings | None = None) -> Queue:
         """The queue called ``name`` (declared on first call; later calls return the same object)."""
@@ -175,3 +168,27 @@ class App:
             settings=settings or self.worker_settings,
         )
         await worker.run(handle_signals=handle_signals)
+
+
+def resolve_url(url: str | None = None, *, announce: bool = True) -> str:
+    """The Redis URL for ``url`` (``App(url=...)``): it, else the variables, else the embedded server.
+
+    See ``App.resolve_url``; this form serves callers that have a URL or nothing, but no ``App``.
+    """
+    if url:
+        return url
+    for var in _URL_VARS:
+        value = os.environ.get(var)
+        if value:
+            return value
+    from . import _embedded
+
+    if _embedded.embedded_disabled():
+        raise ConfigurationError(
+            "no Redis URL: pass App(url=...) or set QFLOW_REDIS_URL (or REDIS_URL), e.g. "
+            "QFLOW_REDIS_URL=redis://127.0.0.1:6379/0 (QFLOW_EMBEDDED=0 turned the embedded server off)"
+        )
+    server = _embedded.server_for()
+    started = _embedded.ensure_running(server)
+    _embedded.announce(server, started, quiet=not announce)
+    return server.url

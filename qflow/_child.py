@@ -75,6 +75,9 @@ class ChildConfig(msgspec.Struct, frozen=True, kw_only=True):
     fleet_interval: float = 2.0
     loop: str = "asyncio"
     """The event loop: ``asyncio`` or ``uvloop``."""
+    announce_embedded: bool = True
+    """Print the embedded-server line on stderr (the supervisor turns it off once a child has booted, so a
+    ``qflow worker -p N`` says it once, not once per process, restart or recycle)."""
 
 
 def loop_runner(name: str) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -193,7 +196,8 @@ def run_child(cfg: ChildConfig) -> ExitCode:
             log.error("%s", exc.details.rstrip())
         return ExitCode.BAD_TARGET
     try:
-        _ = app.url  # no Redis URL is a configuration error, better found now than by the first claim
+        # No Redis URL is a configuration error, better found now than by the first claim.
+        app.resolve_url(announce=cfg.announce_embedded)
         settings = app.worker_settings
         if cfg.drain_timeout is not None:
             settings = msgspec.structs.replace(settings, drain_timeout=cfg.drain_timeout)

