@@ -7,13 +7,16 @@ What it does, in the roles qflow keeps apart:
 
 1. starts ``qflow worker examples.quickstart:app -p 2`` as a subprocess: a supervisor and two worker
    processes, each importing this module and running ``crunch`` up to 5 jobs at a time;
-2. acts as the producer: enqueues the batch in one round trip per 500 jobs, then only watches the counts;
+2. acts as the producer: enqueues the batch in one round trip per 500 jobs, then only watches the counts:
+   jobs running (never more than processes x concurrency) apart from jobs claimed ahead (leased by a worker
+   process, waiting for one of its slots), as the workers' heartbeats report them;
 3. stops the workers with SIGTERM (they drain and exit 0) and prints which worker process ran how many
    jobs; each job returns the pid of the process that ran it.
 
 No Redis to install: with no ``QFLOW_REDIS_URL`` (or ``REDIS_URL``) set, the first qflow process starts the
-project's embedded Valkey server under ``./.qflow`` and every later one, the workers included, attaches to
-it. The server outlives this script (its pid is in ``.qflow/valkey.pid``), so a second run reuses it.
+project's embedded Valkey server in the project's ``.qflow`` directory and every later one, the workers
+included, attaches to it. The server outlives this script, so a second run reuses it; ``qflow server stop``
+stops it. The workers' log is ``.qflow/quickstart.log`` (overwritten by each run).
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import qflow
 
+# Not public API yet: where the embedded server lives, and the heartbeats `qflow status` reads.
+from qflow._embedded import server_for
+from qflow._fleet import list_workers
+
 app = qflow.App()
 work = app.queue("quickstart")
+CONCURRENCY = 5
 
 
-@work.processor(concurrency=5)
+@work.processor(concurrency=CONCURRENCY)
 async def crunch(job: qflow.Job[int]) -> int:
     """Pretend to call a slow service (50-150 ms of waiting), then say which process did the work."""
     await asyncio.sleep(0.05 + 0.1 * random.random())
@@ -73,13 +80,28 @@ def stop_workers(workers: subprocess.Popen[bytes]) -> int:
         return workers.wait()
 
 
-def progress_line(done: int, total: int, counts: dict[str, int], elapsed: float) -> str:
+async def running_and_ahead(supervisor_pid: int) -> tuple[int, int]:
+    """Jobs running and jobs claimed ahead on this queue, summed over our supervisor's worker processes.
+
+    Each worker process reports both in its heartbeat (at most ~0.5 s old). The queue's ``active`` count
+    would mix them: a worker claims a few jobs ahead of a free slot, so that count can exceed
+    processes x concurrency while the jobs running never do.
+    """
+    running = ahead = 0
+    for w in await list_workers(app):
+        if w.supervisor_pid == supervisor_pid and work.name in w.load:
+            running += w.load[work.name].running
+            ahead += w.load[work.name].claimed_ahead
+    return running, ahead
+
+
+def progress_line(done: int, total: int, running: int, ahead: int, waiting: int, elapsed: float) -> str:
     width = 30
     filled = width * done // max(total, 1)
     bar = "#" * filled + "." * (width - filled)
     return (
-        f"[{bar}] {done:>5}/{total} done  {counts['active']:>3} running  "
-        f"{counts['waiting']:>5} waiting  {elapsed:5.1f}s"
+        f"[{bar}] {done:>5}/{total} done  {running:>3} running  {ahead:>3} claimed ahead  "
+        f"{waiting:>5} waiting  {elapsed:5.1f}s"
     )
 
 
@@ -96,7 +118,13 @@ async def produce_and_watch(total: int, workers: subprocess.Popen[bytes]) -> tup
             now = time.monotonic()
             done = min((await work.stats()).get("completed", 0) - before, total)
             if interactive or now - last_print >= 1.0 or done >= total:
-                line = progress_line(done, total, await work.counts(), now - started)
+                running, ahead = await running_and_ahead(workers.pid)
+                waiting = (await work.counts())["waiting"]
+                # A heartbeat can be half a second old; jobs not done and not waiting bound both counts.
+                started_or_claimed = max(0, total - done - waiting)
+                running = min(running, started_or_claimed)
+                ahead = min(ahead, started_or_claimed - running)
+                line = progress_line(done, total, running, ahead, waiting, now - started)
                 print(f"\r{line}" if interactive else line, end="" if interactive else "\n", flush=True)
                 last_print = now
             if done >= total:
@@ -136,18 +164,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --processes must be >= 1")
 
     command = f"qflow worker examples.quickstart:app -p {args.processes}"
+    capacity = args.processes * CONCURRENCY
     print(f"qflow quickstart: {args.jobs} jobs for `{command}`")
     print(f"server: {app.url}")  # resolves it now: starts the embedded server if it must (said on stderr)
-    log_path = Path(tempfile.gettempdir()) / f"qflow-quickstart-{os.getpid()}.log"
+    embedded = server_for()
+    log_path = embedded.home / "quickstart.log"  # the project's .qflow directory, whichever server is used
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     workers = start_workers(args.processes, log_path)
     print(f"workers: supervisor pid {workers.pid}, log in {log_path}")
+    print(
+        f"capacity: {args.processes} processes x concurrency {CONCURRENCY} = {capacity} jobs running at once"
+    )
     try:
         pids, seconds = asyncio.run(produce_and_watch(args.jobs, workers))
     finally:
         code = stop_workers(workers)
     print(summary(pids, seconds))
-    verdict = "drained and exited cleanly" if code == 0 else "did not exit cleanly: see the log"
+    verdict = "drained and exited cleanly" if code == 0 else f"did not exit cleanly: see {log_path}"
     print(f"workers stopped with SIGTERM: exit code {code} ({verdict})")
+    if app.url == embedded.url:
+        print(
+            f"the embedded Valkey server keeps running (data in {embedded.home}), so the next run reuses "
+            "it; stop it with `qflow server stop`"
+        )
     return 0 if code == 0 else 1
 
 

@@ -86,6 +86,9 @@ def _log_level(text: str) -> str:
 
 
 LOOPS = ("asyncio", "uvloop")
+JOB_STATES = ("waiting", "delayed", "active", "completed", "failed")
+"""States ``qflow jobs list`` reads (``qflow._fleet.JOB_LIST_STATES``, not imported: it would load redis)."""
+JOB_VERBS = ("list", "show", "retry", "purge")
 
 
 def _loop(text: str) -> str:
@@ -102,6 +105,12 @@ def _flag(text: str) -> bool:
     if value in ("", "0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def _prefix(text: str) -> str:
+    if not text or "{" in text or "}" in text:
+        raise argparse.ArgumentTypeError(f"invalid key prefix {text!r}: non-empty, without braces")
+    return text
 
 
 def _queues(text: str) -> list[str]:
@@ -153,6 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
+    # status / info / jobs read Redis; they need module:app only to know where and under which prefix.
+    target_help = (
+        "where the qflow.App lives (optional: without it, queues and workers are read from Redis at --url, "
+        "QFLOW_REDIS_URL, REDIS_URL or the project's running embedded server)"
+    )
+    reader = argparse.ArgumentParser(add_help=False)
+    # The same options after a jobs verb (`qflow jobs list failed --url ...`); SUPPRESS keeps a verb's
+    # parser from resetting what was given before the verb.
+    reader_again = argparse.ArgumentParser(add_help=False)
+    for p, default in ((reader, None), (reader_again, argparse.SUPPRESS)):
+        p.add_argument("--url", metavar="URL", default=default, help="the Redis to read, without module:app")
+        p.add_argument(
+            "--prefix",
+            type=_prefix,
+            metavar="PREFIX",
+            default=default,
+            help="the apps' key prefix, without module:app (default qflow)",
+        )
+    maybe_target = argparse.ArgumentParser(add_help=False)
+    maybe_target.add_argument("target", metavar="module:app", nargs="?", help=target_help)
+    # Before a sub-command an optional positional would take the verb: `jobs` always gets a target word,
+    # '' when none was given (see _mark_missing_target).
+    jobs_target = argparse.ArgumentParser(add_help=False)
+    jobs_target.add_argument("target", metavar="[module:app]", help=target_help)
 
     parser = argparse.ArgumentParser(
         prog="qflow",
@@ -242,22 +275,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one worker in this process, without a supervisor [QFLOW_IN_PROCESS]",
     )
 
-    sub.add_parser("status", parents=[target, as_json, common], help="list live worker processes, fleet-wide")
-    i = sub.add_parser("info", parents=[target, as_json, common], help="per-queue counts and throughput")
+    sub.add_parser(
+        "status",
+        parents=[maybe_target, reader, as_json, common],
+        help="list live worker processes, fleet-wide",
+    )
+    i = sub.add_parser(
+        "info", parents=[maybe_target, reader, as_json, common], help="per-queue counts and throughput"
+    )
     i.add_argument(
         "-q", "--queue", dest="queues", action="extend", nargs="+", metavar="QUEUE", help="only these queues"
     )
 
-    j = sub.add_parser("jobs", parents=[target, common], help="inspect, retry or purge jobs")
+    j = sub.add_parser(
+        "jobs", parents=[jobs_target, reader, common], help="list, inspect, retry or purge jobs"
+    )
     jsub = j.add_subparsers(dest="verb", metavar="VERB", required=True)
-    show = jsub.add_parser("show", parents=[as_json], help="everything stored about one job")
+    listing = jsub.add_parser(
+        "list",
+        parents=[as_json, reader_again],
+        help="ids of the jobs in one state (a bounded read: --limit per queue)",
+    )
+    listing.add_argument("state", choices=JOB_STATES, metavar="STATE", help=", ".join(JOB_STATES))
+    listing.add_argument(
+        "-q", "--queue", dest="queues", action="extend", nargs="+", metavar="QUEUE", help="only these queues"
+    )
+    listing.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N ids per queue (default 20)"
+    )
+    show = jsub.add_parser("show", parents=[as_json, reader_again], help="everything stored about one job")
     show.add_argument("queue", metavar="QUEUE")
     show.add_argument("job_id", metavar="ID")
-    retry = jsub.add_parser("retry", parents=[as_json], help="put failed jobs back in their queue")
+    retry = jsub.add_parser(
+        "retry", parents=[as_json, reader_again], help="put failed jobs back in their queue"
+    )
     retry.add_argument("queue", metavar="QUEUE")
     retry.add_argument("job_ids", metavar="ID", nargs="*", help="failed jobs to retry")
     retry.add_argument("--all-failed", action="store_true", help="retry every failed job of QUEUE")
-    purge = jsub.add_parser("purge", help="delete every job of a queue (asks first)")
+    purge = jsub.add_parser("purge", parents=[reader_again], help="delete every job of a queue (asks first)")
     purge.add_argument("queue", metavar="QUEUE")
     purge.add_argument("-y", "--yes", action="store_true", help="do not ask (required without a terminal)")
 
@@ -295,7 +350,9 @@ def parse_args(
     """
     env = os.environ if environ is None else environ
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_mark_missing_target(list(sys.argv[1:] if argv is None else argv)))
+    if getattr(args, "target", None) == "":
+        args.target = None
     table = {**COMMON_ENV, **(WORKER_ENV if args.command == "worker" else {})}
     sub = _subparser(parser, args.command)
     for dest, (var, convert, default) in table.items():
@@ -313,7 +370,31 @@ def parse_args(
         sub.error("--in-process runs one worker: drop -p/-w or --in-process")
     if args.command == "jobs" and args.verb == "retry" and bool(args.job_ids) == bool(args.all_failed):
         sub.error("jobs retry: give job ids or --all-failed (not both)")
+    if args.command in ("status", "info", "jobs") and args.target and (args.url or args.prefix):
+        sub.error("--url and --prefix are for use without module:app (the app names its server and prefix)")
     return args
+
+
+def _mark_missing_target(argv: list[str]) -> list[str]:
+    """``qflow jobs list failed`` -> ``qflow jobs '' list failed``: an empty target stands for "none".
+
+    argparse cannot tell an optional positional from the sub-command after it (it would take the verb for
+    ``module:app``, or, with an option in between, ``module:app`` for the verb), so ``jobs`` always gets a
+    target word. A verb never contains ':', so it cannot be a target.
+    """
+    if next((word for word in argv if not word.startswith("-")), None) != "jobs":
+        return argv
+    with_value = {"--log-level", "--url", "--prefix"}  # options of `jobs` that take the next word
+    skip = False
+    for j in range(argv.index("jobs") + 1, len(argv)):
+        word = argv[j]
+        if skip:
+            skip = False
+        elif word in with_value:
+            skip = True
+        elif not word.startswith("-"):
+            return [*argv[:j], "", *argv[j:]] if word in JOB_VERBS else argv
+    return argv
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

@@ -1,13 +1,16 @@
-"""The one-shot operator commands of ``qflow``: status, info, jobs show|retry|purge, scale.
+"""The one-shot operator commands of ``qflow``: status, info, jobs list|show|retry|purge, scale.
 
 Each loads the app (``status``, ``info``, ``jobs``) or talks to a supervisor's control socket (``scale``),
-prints a table or ``--json``, and returns an ``ExitCode``; ``qflow._cli`` parses and dispatches.
+prints a table or ``--json``, and returns an ``ExitCode``; ``qflow._cli`` parses and dispatches. Without
+``module:app``, ``status``, ``info`` and ``jobs`` read the fleet and the queues straight from Redis
+(``--url``, ``QFLOW_REDIS_URL``, ``REDIS_URL``, else the project's embedded server if it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,16 +40,26 @@ def fail(code: ExitCode, message: str) -> ExitCode:
 
 
 def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
-    """Load the app, run ``body(app)`` in an event loop, map qflow errors to exit codes."""
+    """Load the app (or, without ``module:app``, make a bare one on the configured server), run ``body(app)``
+    in an event loop, map qflow errors to exit codes."""
     from ._importer import BadTarget, load_app
     from .exceptions import BrokerUnavailable, ConfigurationError, JobNotFound
 
-    try:
-        app = load_app(args.target)
-    except BadTarget as exc:
-        if exc.details:
-            _err(exc.details)
-        return fail(ExitCode.BAD_TARGET, str(exc))
+    if args.target:
+        try:
+            app = load_app(args.target)
+        except BadTarget as exc:
+            if exc.details:
+                _err(exc.details)
+            return fail(ExitCode.BAD_TARGET, str(exc))
+    else:
+        try:
+            found = _app_from_redis(args)
+        except ConfigurationError as exc:
+            return fail(ExitCode.CONFIG, str(exc))
+        if isinstance(found, ExitCode):
+            return found
+        app = found
 
     async def run() -> ExitCode:
         try:
@@ -65,6 +78,60 @@ def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
         return fail(ExitCode.NOT_FOUND, str(exc))
 
 
+def _app_from_redis(args: argparse.Namespace) -> Any:
+    """A bare ``App`` (no queues declared) on ``--url``, else the variables, else the embedded server.
+
+    The embedded server is used only if it already runs: starting one to inspect it would show nothing.
+    Returns an ``ExitCode`` (after saying why) when there is nothing to read.
+    """
+    from . import _embedded
+    from ._app import App
+
+    url = args.url or next(
+        (os.environ[v] for v in ("QFLOW_REDIS_URL", "REDIS_URL") if os.environ.get(v)), None
+    )
+    if url is None:
+        if _embedded.embedded_disabled():
+            return fail(
+                ExitCode.CONFIG,
+                "no Redis to read: give module:app or --url URL, or set QFLOW_REDIS_URL "
+                "(QFLOW_EMBEDDED=0 turned the embedded server off)",
+            )
+        server = _embedded.server_for()
+        if not server.answers():
+            return fail(
+                ExitCode.UNAVAILABLE,
+                f"no Redis to read: no module:app, --url, QFLOW_REDIS_URL or REDIS_URL, and this project's "
+                f"embedded server is not running (data in {server.home}); start a worker or a producer, "
+                "`qflow server start`, or give --url",
+            )
+    return App(url, prefix=args.prefix or "qflow")
+
+
+def _where(args: argparse.Namespace, app: Any) -> str:
+    """Where the command looked, for "found nothing" messages."""
+    return f"in {args.target}" if args.target else f"under prefix {app.prefix!r}"
+
+
+async def _queues_of(args: argparse.Namespace, app: Any, names: Sequence[str] | None) -> list[Any]:
+    """The queues a command reads: ``names`` (-q), else the app's declared queues, else those found in Redis.
+
+    With ``module:app``, a name the app does not declare is a ``ConfigurationError``; without it, a name
+    Redis does not know is one too (a typo would otherwise print an empty queue).
+    """
+    from ._fleet import discover_queues
+    from .exceptions import ConfigurationError
+
+    known = list(app.queues) if args.target else await discover_queues(app)
+    if not names:
+        return [app.queue(q) for q in known]
+    unknown = [q for q in names if q not in known]
+    if unknown:
+        found = f"; found: {', '.join(known)}" if known and not args.target else ""
+        raise ConfigurationError(f"no queue named {', '.join(map(repr, unknown))} {_where(args, app)}{found}")
+    return [app.queue(q) for q in names]
+
+
 def _print_json(data: Any) -> None:
     _out(msgspec.json.format(msgspec.json.encode(data, enc_hook=repr), indent=2).decode())
 
@@ -78,6 +145,17 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequ
         parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _when(at: float | None) -> str:
+    """Server time (Unix seconds) as local date and time, to the millisecond."""
+    if at is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
 
 
 def _ago(seconds: float) -> str:
@@ -112,7 +190,8 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
                 w.supervisor_pid or "-",
                 ",".join(w.queues),
                 w.concurrency,
-                w.in_flight,
+                w.running,
+                w.claimed_ahead,
                 w.jobs_done,
                 w.state,
                 _ago(now - w.started_at),
@@ -127,17 +206,23 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
             "SUPERVISOR",
             "QUEUES",
             "CONC",
-            "IN FLIGHT",
+            "RUNNING",
+            "AHEAD",
             "DONE",
             "STATE",
             "UPTIME",
             "SEEN",
         )
-        _out(_table(heads, rows, right=(2, 3, 5, 6, 7)))
+        _out(_table(heads, rows, right=(2, 3, 5, 6, 7, 8)))
         hosts = len({w.host for w in workers})
         _out(
             f"\n{len(workers)} worker process(es) on {hosts} host(s): {sum(w.concurrency for w in workers)} "
-            f"slots, {sum(w.in_flight for w in workers)} job(s) in flight"
+            f"slots, {sum(w.running for w in workers)} running, {sum(w.claimed_ahead for w in workers)} "
+            "claimed ahead"
+        )
+        _out(
+            "RUNNING: handlers running now (at most CONC); AHEAD: claimed ahead, waiting for a free lane "
+            "(by each worker's last heartbeat)"
         )
         return ExitCode.OK
 
@@ -147,24 +232,22 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
 def cmd_info(args: argparse.Namespace) -> ExitCode:
     """``qflow info``: per-queue counts, lifetime totals and throughput over the last minute."""
     from ._fleet import queue_info
-    from .exceptions import ConfigurationError
 
     async def body(app: Any) -> ExitCode:
-        queues = None
-        if args.queues:
-            unknown = [q for q in args.queues if q not in app.queues]
-            if unknown:
-                raise ConfigurationError(f"no queue named {', '.join(map(repr, unknown))} in {args.target}")
-            queues = [app.queues[q] for q in args.queues]
-        infos = await queue_info(app, queues)
+        infos = await queue_info(app, await _queues_of(args, app, args.queues))
         if args.json:
             _print_json(infos)
+            return ExitCode.OK
+        if not infos:
+            _out(f"no queue {_where(args, app)} (no job was ever added to one)")
             return ExitCode.OK
         rows = [
             (
                 q.queue,
                 q.waiting,
                 q.active,
+                q.running,
+                q.claimed_ahead,
                 q.delayed,
                 q.completed,
                 q.failed,
@@ -179,6 +262,8 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
             "QUEUE",
             "WAITING",
             "ACTIVE",
+            "RUNNING",
+            "AHEAD",
             "DELAYED",
             "COMPLETED",
             "FAILED",
@@ -187,17 +272,21 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
             "DONE/S",
             "FAILED/S",
         )
-        _out(_table(heads, rows, right=tuple(range(1, 10))))
+        _out(_table(heads, rows, right=tuple(range(1, 12))))
         window = min((q.window_s for q in infos), default=60.0)
-        _out(f"\nrates over the last {window:.0f}s (server clock); COMPLETED/FAILED: jobs kept by retention")
+        _out(
+            "\nACTIVE: jobs leased to workers: RUNNING (handlers running now, at most CONC), AHEAD (claimed "
+            "ahead,\nwaiting for a free lane; both by the workers' last heartbeats) and acks on their way"
+        )
+        _out(f"rates over the last {window:.0f}s (server clock); COMPLETED/FAILED: jobs kept by retention")
         return ExitCode.OK
 
     return _one_shot(args, body)
 
 
 def cmd_jobs(args: argparse.Namespace) -> ExitCode:
-    """``qflow jobs show|retry|purge``."""
-    from ._fleet import retry_failed, show_job
+    """``qflow jobs list|show|retry|purge``."""
+    from ._fleet import list_jobs, retry_failed, show_job
     from .exceptions import ConfigurationError
 
     def queue_of(app: Any) -> Any:
@@ -208,6 +297,29 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         return app.queues.get(args.queue) or app.queue(args.queue)
+
+    async def listing(app: Any) -> ExitCode:
+        lists = [await list_jobs(q, args.state, args.limit) for q in await _queues_of(args, app, args.queues)]
+        if args.json:
+            _print_json(lists)
+            return ExitCode.OK
+        if not lists:
+            _out(f"no queue {_where(args, app)} (no job was ever added to one)")
+        when = {"delayed": "DUE", "active": "LEASE UNTIL", "completed": "FINISHED", "failed": "FAILED AT"}
+        for jl in lists:
+            shown = f"{len(jl.jobs)} of {jl.total}" if len(jl.jobs) < jl.total else f"{jl.total}"
+            _out(f"{jl.state} jobs of queue {jl.queue!r}: {shown} ({jl.order})")
+            if jl.state == "waiting":
+                rows: list[tuple[str, ...]] = [(j.id,) for j in jl.jobs]
+                heads: tuple[str, ...] = ("ID",)
+            else:
+                rows = [(j.id, _when(j.at)) for j in jl.jobs]
+                heads = ("ID", when[jl.state])
+            if rows:
+                _out(_indent(_table(heads, rows)))
+        if any(len(jl.jobs) < jl.total for jl in lists):
+            _out(f"(at most {args.limit} per queue: --limit N for more)")
+        return ExitCode.OK
 
     async def show(app: Any) -> ExitCode:
         info = await show_job(queue_of(app), args.job_id)
@@ -264,7 +376,7 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
         _out(f"purged queue {args.queue!r} ({summary}; {deleted} key(s) deleted)")
         return ExitCode.OK
 
-    verbs: dict[str, Callable[[Any], Any]] = {"show": show, "retry": retry, "purge": purge}
+    verbs: dict[str, Callable[[Any], Any]] = {"list": listing, "show": show, "retry": retry, "purge": purge}
     return _one_shot(args, verbs[args.verb])
 
 

@@ -165,6 +165,10 @@ class QueueRunner:
         """Jobs claimed here that wait in line for a lane."""
         return sum(len(lanes.ready) for lanes in self.lanes.values())
 
+    def running(self) -> int:
+        """Jobs whose handler runs now: at most the processors' lanes (an ack on its way is not counted)."""
+        return sum(1 for d in self.in_flight.values() if d.task is not None and not d.finishing)
+
     def free_slot(self, d: Delivery) -> None:
         """The handler of ``d`` is done: its slot may take the next job while the ack is on its way."""
         if d.holds_slot:

@@ -1,9 +1,13 @@
 """Seeing and steering a fleet: worker heartbeats in Redis, queue counts and throughput, job inspection.
 
 Every worker process started by ``qflow worker`` runs ``heartbeat`` beside its own tasks (a ``Worker``
-companion). It writes a hash describing itself (host, pid, queues, concurrency, jobs in flight, jobs done,
-started at) that expires unless renewed, and its id in a fleet-wide sorted set; ``list_workers`` reads them
-from any machine. Keys are named in ``qflow._keys.FleetKeys``. Times come from the Redis server's clock.
+companion). It writes a hash describing itself (host, pid, queues, concurrency, jobs running and claimed
+ahead, jobs done, started at) that expires unless renewed, and its id in a fleet-wide sorted set;
+``list_workers`` reads them from any machine. Keys are named in ``qflow._keys.FleetKeys``. Times come from
+the Redis server's clock.
+
+Reading needs no ``App`` with processors: ``discover_queues`` finds the queues of a prefix from the
+heartbeats and a ``SCAN`` of the key schema, so the operator commands work without ``module:app``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import typing
 from collections.abc import Awaitable, Callable, Iterable
@@ -21,7 +26,7 @@ import msgspec
 from redis import exceptions as rexc
 
 from . import _codec
-from ._keys import FleetKeys
+from ._keys import FleetKeys, QueueKeys, check_queue_name
 from ._scripts import command, script
 from .exceptions import BrokerUnavailable, JobNotFound, PayloadError
 
@@ -33,11 +38,17 @@ if TYPE_CHECKING:
     from ._worker import Worker
 
 __all__ = (
+    "JOB_LIST_STATES",
     "JobInfo",
+    "JobList",
+    "ListedJob",
     "QueueInfo",
+    "QueueLoad",
     "WorkerInfo",
     "concurrency_of",
+    "discover_queues",
     "heartbeat",
+    "list_jobs",
     "list_workers",
     "queue_info",
     "retry_failed",
@@ -48,10 +59,27 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 2.0
 """Seconds between two heartbeats of one worker process."""
+HEARTBEAT_REFRESH = 0.5
+"""Seconds after which a worker beats again, before its interval, when its running / claimed-ahead counts
+changed: what ``qflow status`` and ``qflow info`` show is at most about this old."""
 HEARTBEAT_TTL = 10.0
 """Seconds a worker stays listed after its last heartbeat (a SIGKILLed worker disappears after this)."""
 THROUGHPUT_WINDOW = 60.0
 """Seconds of recent history ``queue_info`` measures throughput over."""
+
+
+class QueueLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """What one worker process holds of one queue, by its last heartbeat."""
+
+    running: int = 0
+    """Jobs whose handler runs now (never more than the process's concurrency on the queue)."""
+    claimed_ahead: int = 0
+    """Jobs claimed ahead (leased to this process) that wait for a free lane; not started yet."""
+
+
+_NO_LOAD = QueueLoad()
+_LOAD_ENCODER = msgspec.json.Encoder()
+_LOAD_DECODER = msgspec.json.Decoder(dict[str, QueueLoad])
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,10 +96,17 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Queue name -> jobs this process runs at once on it."""
     concurrency: int
     in_flight: int
+    """Jobs this process holds: running, claimed ahead, or with their ack on its way."""
     jobs_done: int
     jobs_handled: int
     state: str
     """``running`` or ``draining``."""
+    running: int = 0
+    """Jobs whose handler runs now, all queues (at most ``concurrency``)."""
+    claimed_ahead: int = 0
+    """Jobs claimed ahead of a free lane, all queues: leased here, not started yet."""
+    load: dict[str, QueueLoad] = msgspec.field(default_factory=dict)
+    """Queue name -> running and claimed-ahead jobs on it."""
     started_at: float
     """Server time (Unix seconds) the worker registered."""
     last_seen: float
@@ -84,6 +119,7 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
     queue: str
     waiting: int
     active: int
+    """Jobs leased to workers (the ``active`` set): running, claimed ahead, or with their ack on its way."""
     delayed: int
     completed: int
     failed: int
@@ -91,6 +127,10 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Live worker processes consuming this queue."""
     concurrency: int
     """Jobs those workers can run at once on this queue, in total."""
+    running: int
+    """Jobs whose handler runs now, by the live workers' last heartbeats (at most ``concurrency``)."""
+    claimed_ahead: int
+    """Jobs those workers claimed ahead and that wait for a free lane, by their last heartbeats."""
     completed_per_s: float
     failed_per_s: float
     window_s: float
@@ -129,16 +169,18 @@ def heartbeat(
     concurrency: int | None = None,
     interval: float = HEARTBEAT_INTERVAL,
     ttl: float = HEARTBEAT_TTL,
+    refresh: float = HEARTBEAT_REFRESH,
 ) -> Callable[[Worker], Awaitable[None]]:
     """A ``Worker`` companion registering the worker in the fleet registry until it stops.
 
     ``concurrency`` is the ``-c`` override the worker was built with (None: each processor's own).
-    It beats every ``interval`` seconds, and at once when the worker starts draining; a worker that stops
-    gracefully deregisters, one that dies drops out after ``ttl`` seconds.
+    It beats every ``interval`` seconds, at once when the worker starts draining, and after ``refresh``
+    seconds when its running / claimed-ahead counts changed; a worker that stops gracefully deregisters,
+    one that dies drops out after ``ttl`` seconds.
     """
 
     async def run(worker: Worker) -> None:
-        await _beat_forever(worker, target, name, supervisor_pid, concurrency, interval, ttl)
+        await _beat_forever(worker, target, name, supervisor_pid, concurrency, interval, ttl, refresh)
 
     return run
 
@@ -156,6 +198,7 @@ async def _beat_forever(
     override: int | None,
     interval: float,
     ttl: float,
+    refresh: float,
 ) -> None:
     app = worker.app
     keys = FleetKeys(app.prefix)
@@ -174,11 +217,14 @@ async def _beat_forever(
     started_ms: int | None = None
     failing = False
     last_state = ""
+    last_load: dict[str, tuple[int, int]] | None = None
     last_beat = -interval
     try:
         while True:
             state = "draining" if worker.stopping else "running"
-            if state != last_state or loop.time() - last_beat >= interval:
+            load = worker.occupancy()
+            since = loop.time() - last_beat
+            if state != last_state or since >= interval or (load != last_load and since >= refresh):
                 try:
                     client = app.redis()
                     now_ms = await _server_ms(client)
@@ -187,6 +233,11 @@ async def _beat_forever(
                     fields: dict[str, str | int | bytes] = {
                         **static,
                         "in_flight": worker.in_flight,
+                        "running": sum(n for n, _ in load.values()),
+                        "claimed_ahead": sum(n for _, n in load.values()),
+                        "load": _LOAD_ENCODER.encode(
+                            {q: QueueLoad(running=n, claimed_ahead=m) for q, (n, m) in load.items()}
+                        ),
                         "jobs_done": worker.jobs_done,
                         "jobs_handled": worker.jobs_handled,
                         "state": state,
@@ -198,7 +249,7 @@ async def _beat_forever(
                         pipe.pexpire(key, int(ttl * 1000))
                         pipe.zadd(keys.workers, {worker.id: now_ms})
                         await pipe.execute()
-                    last_state, last_beat = state, loop.time()
+                    last_state, last_load, last_beat = state, load, loop.time()
                     if failing:
                         log.info("fleet heartbeat restored")
                     failing = False
@@ -275,6 +326,10 @@ def _worker_info(worker_id: str, raw: dict[Any, Any]) -> WorkerInfo:
         queues = msgspec.json.decode(h.get("queues", "{}"), type=dict[str, int])
     except msgspec.DecodeError:
         queues = {}
+    try:
+        load = _LOAD_DECODER.decode(h.get("load", "{}"))
+    except msgspec.DecodeError:
+        load = {}
     return WorkerInfo(
         id=worker_id,
         host=h.get("host", "?"),
@@ -288,6 +343,9 @@ def _worker_info(worker_id: str, raw: dict[Any, Any]) -> WorkerInfo:
         jobs_done=num("jobs_done"),
         jobs_handled=num("jobs_handled"),
         state=h.get("state", "?"),
+        running=num("running"),
+        claimed_ahead=num("claimed_ahead"),
+        load=load,
         started_at=num("started_at") / 1000,
         last_seen=num("last_seen") / 1000,
     )
@@ -339,6 +397,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
         done_window = _window(now_ms, since, completed >= ret.completed_count > 0, oldest_done)
         fail_window = _window(now_ms, since, failed >= ret.failed_count > 0, oldest_failed)
         consumers = [w for w in workers if q.name in w.queues]
+        loads = [w.load.get(q.name, _NO_LOAD) for w in consumers]
         out.append(
             QueueInfo(
                 queue=q.name,
@@ -349,6 +408,8 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
                 failed=failed,
                 workers=len(consumers),
                 concurrency=sum(w.queues[q.name] for w in consumers),
+                running=sum(x.running for x in loads),
+                claimed_ahead=sum(x.claimed_ahead for x in loads),
                 completed_per_s=round(done_recent / done_window, 3),
                 failed_per_s=round(failed_recent / fail_window, 3),
                 window_s=round(min(done_window, fail_window), 3),
@@ -365,7 +426,103 @@ def _window(now_ms: int, since: int, trimmed: bool, oldest: list[tuple[bytes, fl
     return THROUGHPUT_WINDOW
 
 
+async def discover_queues(app: App) -> list[str]:
+    """Names of the queues under ``app.prefix`` that Redis knows, sorted: those in live workers' heartbeats,
+    and every queue a job was ever added to (its ``meta`` hash, found by ``SCAN``, never ``KEYS``)."""
+    names = {q for w in await list_workers(app) for q in w.queues}
+    head, tail = f"{app.prefix}:{{", "}:meta"
+    pattern = _glob_escape(head) + "*" + _glob_escape(tail)
+    try:
+        async for raw in app.redis().scan_iter(match=pattern, count=1000, _type="hash"):
+            key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            name = key[len(head) : -len(tail)]
+            try:
+                check_queue_name(name)
+            except ValueError:
+                continue  # another key that matches the pattern (a name with braces is no queue)
+            if QueueKeys(app.prefix, name).meta == key:
+                names.add(name)
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+    return sorted(names)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``MATCH`` pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
 # -- jobs (operator verbs) ----------------------------------------------------------------------------------
+
+JOB_LIST_STATES = ("waiting", "delayed", "active", "completed", "failed")
+"""The states ``list_jobs`` reads, each from its own key of the queue."""
+
+
+class ListedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """One job id in a ``JobList``."""
+
+    id: str
+    at: float | None
+    """Server time (Unix seconds): due (delayed), lease deadline (active), finished (completed, failed);
+    None for a waiting job."""
+
+
+class JobList(msgspec.Struct, frozen=True, kw_only=True):
+    """Up to ``limit`` job ids of one state of one queue, and how many jobs are in that state."""
+
+    queue: str
+    state: str
+    total: int
+    order: str
+    """How ``jobs`` is sorted, in words."""
+    jobs: list[ListedJob]
+
+
+_LIST_ORDER = {
+    "waiting": "next to run first",
+    "delayed": "soonest due first",
+    "active": "earliest lease deadline first",
+    "completed": "newest first",
+    "failed": "newest first",
+}
+
+
+async def list_jobs(queue: Queue, state: str, limit: int) -> JobList:
+    """The first ``limit`` job ids of ``queue`` in ``state`` (one of ``JOB_LIST_STATES``) and the total.
+
+    A bounded read (``LRANGE`` / ``ZRANGE`` of ``limit`` entries) in one ``MULTI``, whatever the queue's size.
+    """
+    if state not in _LIST_ORDER:
+        raise ValueError(f"state must be one of {', '.join(JOB_LIST_STATES)}, got {state!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit!r}")
+    k = queue.keys
+    client = queue.app.redis()
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            if state == "waiting":
+                pipe.llen(k.wait)
+                pipe.lrange(k.wait, -limit, -1)  # workers take from the right: the next ones are there
+            else:
+                zset = getattr(k, state)
+                pipe.zcard(zset)
+                if state in ("completed", "failed"):
+                    pipe.zrevrange(zset, 0, limit - 1, withscores=True)
+                else:
+                    pipe.zrange(zset, 0, limit - 1, withscores=True)
+            total, entries = await pipe.execute()
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+    if state == "waiting":
+        jobs = [ListedJob(id=_job_id(raw), at=None) for raw in reversed(entries)]
+    else:
+        jobs = [ListedJob(id=_job_id(raw), at=score / 1000) for raw, score in entries]
+    return JobList(queue=queue.name, state=state, total=int(total), order=_LIST_ORDER[state], jobs=jobs)
+
+
+def _job_id(raw: bytes | str) -> str:
+    """A job id for display: a raw write can store one that is not UTF-8."""
+    return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
 
 
 async def show_job(queue: Queue, job_id: str) -> JobInfo:

@@ -7,6 +7,7 @@ reported with its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -30,13 +31,49 @@ class BadTarget(QflowError):
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """Split ``"pkg.module:attr.path"`` in two, or raise ``BadTarget`` saying what form is expected."""
+    """Split ``"pkg.module:attr.path"`` in two, or raise ``BadTarget`` saying what form is expected.
+
+    A file path (``examples/quickstart.py:app``) is refused with the dotted module name to use instead.
+    """
     module, sep, attr = target.partition(":")
     if not sep or not module or not attr or any(not part.isidentifier() for part in attr.split(".")):
         raise BadTarget(f"invalid target {target!r}: expected 'module:attribute', e.g. 'myproject.tasks:app'")
     if any(not part.isidentifier() for part in module.split(".")):
-        raise BadTarget(f"invalid module name {module!r} in target {target!r}")
+        hint = ""
+        dotted = _module_of_path(module)
+        if dotted is not None:
+            hint = f": a module name, not a file path; did you mean '{dotted}:{attr}'?"
+        raise BadTarget(f"invalid module name {module!r} in target {target!r}{hint}")
     return module, attr
+
+
+def _module_of_path(path: str) -> str | None:
+    """``examples/quickstart.py`` -> ``examples.quickstart`` (None if that is no module name either)."""
+    text = path.replace("\\", "/").removesuffix(".py")
+    while text.startswith("./"):
+        text = text[2:]
+    dotted = text.strip("/").replace("/", ".")
+    if dotted and dotted != path and all(part.isidentifier() for part in dotted.split(".")):
+        return dotted
+    return None
+
+
+def _suggest(obj: object, missing: str) -> str:
+    """``; did you mean 'app'?`` for a mistyped attribute of ``obj`` (qflow.App objects first), or ''."""
+    from ._app import App
+
+    try:
+        namespace = dict(vars(obj))
+    except TypeError:
+        return ""
+    apps = sorted(name for name, value in namespace.items() if isinstance(value, App))
+    names = sorted(name for name in namespace if not name.startswith("__"))
+    close = difflib.get_close_matches(missing, apps, n=1) or difflib.get_close_matches(missing, names, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if apps:
+        return f" (its qflow.App: {', '.join(map(repr, apps))})"
+    return ""
 
 
 def load_app(target: str) -> App:
@@ -55,6 +92,13 @@ def load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            if module_name.endswith(".py"):
+                # `qflow worker tasks.py:app` imports the module `py` of a package `tasks`: almost always a
+                # file name given where a module name belongs.
+                raise BadTarget(
+                    f"cannot load {target!r}: no module named {module_name!r}; drop the '.py': "
+                    f"did you mean '{module_name.removesuffix('.py')}:{attr_path}'?"
+                ) from None
             raise BadTarget(
                 f"cannot load {target!r}: no module named {exc.name!r} "
                 f"(is the project's directory the current one, or on PYTHONPATH?)"
@@ -74,7 +118,9 @@ def load_app(target: str) -> App:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise BadTarget(f"cannot load {target!r}: {walked!r} has no attribute {part!r}") from None
+            raise BadTarget(
+                f"cannot load {target!r}: {walked!r} has no attribute {part!r}{_suggest(obj, part)}"
+            ) from None
         walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
     if not isinstance(obj, App):
         raise BadTarget(

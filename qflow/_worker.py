@@ -142,6 +142,13 @@ class Worker:
         """Jobs this worker holds right now."""
         return sum(len(r.in_flight) for r in self._runners)
 
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Queue name -> (jobs whose handler runs now, jobs claimed ahead that wait for a lane).
+
+        The first is bounded by the processors' concurrency; ``in_flight`` also counts acks on their way.
+        """
+        return {r.queue.name: (r.running(), r.queued()) for r in self._runners}
+
     @property
     def stopping(self) -> bool:
         """True once a stop was requested."""

@@ -14,8 +14,9 @@ import pytest
 
 from qflow import _supervisor
 from qflow._child import ChildConfig, loop_runner, rss_bytes
-from qflow._cli import COMMON_ENV, WORKER_ENV, configure_logging, parse_args
+from qflow._cli import COMMON_ENV, JOB_STATES, WORKER_ENV, configure_logging, parse_args
 from qflow._exitcodes import MEANING, ExitCode, describe_exit
+from qflow._fleet import JOB_LIST_STATES
 from qflow._importer import BadTarget, load_app, split_target
 from qflow.exceptions import ConfigurationError
 
@@ -122,6 +123,11 @@ def test_flags_fall_back_to_qflow_variables_and_flags_win() -> None:
         (["jobs", "m:app", "retry", "q"], "give job ids or --all-failed"),
         (["jobs", "m:app", "retry", "q", "id1", "--all-failed"], "give job ids or --all-failed"),
         (["bogus"], "invalid choice"),
+        (["status", "m:app", "--url", "redis://h/0"], "--url and --prefix are for use without module:app"),
+        (["jobs", "m:app", "--prefix", "p", "list", "failed"], "--url and --prefix are for use without"),
+        (["info", "--prefix", "a{b}"], "invalid key prefix"),
+        (["jobs", "list", "done"], "invalid choice: 'done'"),
+        (["jobs", "list", "failed", "--limit", "0"], "must be >= 1"),
     ],
 )
 def test_bad_command_lines_are_usage_errors(
@@ -155,6 +161,26 @@ def test_one_shot_commands_parse() -> None:
     assert parse_args(["jobs", "m:app", "purge", "email", "-y"], {}).yes is True
     scale = parse_args(["scale", "1234", "-2", "--wait"], {})
     assert (scale.which, scale.count, scale.wait) == ("1234", "-2", True)
+
+
+def test_status_info_and_jobs_parse_without_a_target() -> None:
+    """Without module:app, status / info / jobs take --url and --prefix; a jobs verb is never the target."""
+    status = parse_args(["status", "--url", "redis://h:6379/0", "--prefix", "shop", "--json"], {})
+    assert (status.target, status.url, status.prefix, status.json) == (None, "redis://h:6379/0", "shop", True)
+    info = parse_args(["info", "-q", "email"], {})
+    assert (info.target, info.url, info.prefix, info.queues) == (None, None, None, ["email"])
+    listing = parse_args(["jobs", "--log-level", "debug", "list", "failed", "-q", "a", "--limit", "5"], {})
+    assert (listing.target, listing.verb, listing.state) == (None, "list", "failed")
+    assert (listing.queues, listing.limit, listing.json) == (["a"], 5, False)
+    show = parse_args(["jobs", "--url", "redis://h/0", "show", "email", "42"], {})
+    assert (show.target, show.verb, show.queue, show.job_id) == (None, "show", "email", "42")
+    with_app = parse_args(["jobs", "m:app", "list", "waiting", "--json"], {})
+    assert (with_app.target, with_app.state, with_app.limit, with_app.json) == ("m:app", "waiting", 20, True)
+
+
+def test_job_states_of_the_parser_are_those_the_reader_knows() -> None:
+    """``qflow jobs list STATE`` offers the very states ``list_jobs`` reads (a copy: spares an import)."""
+    assert JOB_STATES == JOB_LIST_STATES
 
 
 def test_describe_exit_decodes_signals_and_codes() -> None:
@@ -214,6 +240,41 @@ def test_load_app_explains_each_failure(tmp_path: Path, monkeypatch: pytest.Monk
     assert "Traceback" in raised.value.details
     with pytest.raises(BadTarget, match="importing 'needs_dep' failed: ModuleNotFoundError"):
         load_app("needs_dep:app")
+
+
+@pytest.mark.parametrize(
+    ("target", "suggestion"),
+    [
+        ("examples/quickstart:app", "examples.quickstart:app"),
+        ("./examples/quickstart.py:app", "examples.quickstart:app"),
+        ("src\\shop\\tasks.py:app", "src.shop.tasks:app"),
+    ],
+)
+def test_a_file_path_target_names_the_module_to_use(target: str, suggestion: str) -> None:
+    """``qflow worker examples/quickstart.py:app`` is refused with the dotted module name to use instead."""
+    hint = f"a module name, not a file path; did you mean '{suggestion}'?"
+    with pytest.raises(BadTarget, match=re.escape(hint)):
+        split_target(target)
+
+
+def test_load_app_suggests_the_name_meant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attribute typo gets "did you mean 'app'?" (a qflow.App first), and ``mod.py:app`` a hint to drop
+    the ``.py``; with no close name, the module's qflow.App objects are named."""
+    (tmp_path / "typo_mod.py").write_text(
+        "import qflow\napp = qflow.App('redis://127.0.0.1:1/0')\napq = 3\nhelper = 4\n"
+    )
+    (tmp_path / "other_name_mod.py").write_text(
+        "import qflow\nmy_queues = qflow.App('redis://127.0.0.1:1/0')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BadTarget, match=r"'typo_mod' has no attribute 'ap'; did you mean 'app'\?$"):
+        load_app("typo_mod:ap")
+    with pytest.raises(BadTarget, match=r"has no attribute 'helpr'; did you mean 'helper'\?$"):
+        load_app("typo_mod:helpr")
+    with pytest.raises(BadTarget, match=r"has no attribute 'app' \(its qflow\.App: 'my_queues'\)$"):
+        load_app("other_name_mod:app")
+    with pytest.raises(BadTarget, match=r"drop the '\.py': did you mean 'typo_mod:app'\?$"):
+        load_app("typo_mod.py:app")
 
 
 def test_child_config_travels_as_json() -> None:
