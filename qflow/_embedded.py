@@ -129,13 +129,25 @@ def find_project_root(start: str | os.PathLike[str]) -> tuple[Path, str] | None:
     return None
 
 
+def _main_script() -> Path | None:
+    """The file the running program was started from (``python FILE`` or ``python -m MODULE``), if any."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return Path(path) if isinstance(path, str) else None
+
+
 def server_for(
-    home: str | os.PathLike[str] | None = None, *, cwd: str | os.PathLike[str] | None = None
+    home: str | os.PathLike[str] | None = None,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    script: str | os.PathLike[str] | None = None,
 ) -> EmbeddedServer:
     """The embedded server of ``home``, else ``QFLOW_HOME``, else of the project ``cwd`` belongs to.
 
-    The project is found from ``cwd`` (default: the current directory) by ``find_project_root``; with no
-    marker up to the filesystem root, ``<cwd>/.qflow``. The result's ``reason`` says which rule chose it.
+    The project is found from ``cwd`` (default: the current directory) by ``find_project_root``. With no
+    marker there, from the running program's file (``script``, default ``__main__.__file__``), so that
+    ``python shop/enqueue.py`` run from shop's parent reaches shop's server. With neither, ``<cwd>/.qflow``.
+    The result's ``reason`` says which rule chose it.
     """
     if home:
         return EmbeddedServer(Path(home).resolve())
@@ -147,6 +159,14 @@ def server_for(
     if found is not None:
         root, marker = found
         return EmbeddedServer(root / ".qflow", reason=f"project root found at {root} by its {marker}")
+    program = Path(script) if script is not None else _main_script()
+    found = find_project_root(program.resolve().parent) if program is not None else None
+    if found is not None:
+        root, marker = found
+        return EmbeddedServer(
+            root / ".qflow",
+            reason=f"project root found at {root} by its {marker}, above the running program {program}",
+        )
     markers = f"{', '.join(PROJECT_MARKERS[:-1])} or {PROJECT_MARKERS[-1]}"
     return EmbeddedServer(here / ".qflow", reason=f"no {markers} in {here} or above: the current directory")
 

@@ -65,12 +65,31 @@ def test_without_a_marker_the_current_directory_is_used(
     if _embedded.find_project_root(loose) is not None:
         pytest.skip(f"a project marker above the temp dir: {_embedded.find_project_root(loose)}")
     monkeypatch.chdir(loose)
+    monkeypatch.setattr(_embedded, "_main_script", lambda: None)  # as with `python -c`
     server = _embedded.server_for()
     assert server.home == loose / ".qflow"
     assert (
         server.reason
         == f"no pyproject.toml, setup.py, setup.cfg or .git in {loose} or above: the current directory"
     )
+
+
+def test_run_from_outside_any_project_a_script_finds_the_project_it_lives_in(
+    tree: Path, tmp_path: Path
+) -> None:
+    """``python app/enqueue.py`` from the project's parent reaches the project's server, and says why."""
+    parent = tmp_path / "elsewhere"
+    parent.mkdir()
+    if _embedded.find_project_root(parent) is not None:
+        pytest.skip(f"a project marker above the temp dir: {_embedded.find_project_root(parent)}")
+    script = tree / "app" / "pkg" / "enqueue.py"
+    server = _embedded.server_for(cwd=parent, script=script)
+    assert server.home == tree / "app" / ".qflow"
+    assert server.reason == (
+        f"project root found at {tree / 'app'} by its pyproject.toml, above the running program {script}"
+    )
+    # The directory one works in still comes first.
+    assert _embedded.server_for(cwd=tree / "docs", script=script).home == tree / ".qflow"
 
 
 def test_the_line_is_said_once_per_process_and_quiet_hides_only_attaching(
