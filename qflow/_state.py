@@ -27,7 +27,6 @@ class State(enum.StrEnum):
 
 TERMINAL = frozenset({State.COMPLETED, State.FAILED})
 
-# (from, to, script, why)
 TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
     (None, State.WAITING, "add", "added with no delay"),
     (None, State.DELAYED, "add", "added with delay= or run_at= in the future"),
@@ -37,6 +36,13 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         State.ACTIVE,
         "claim",
         "a worker took it under a lease with a new fencing token",
+    ),
+    (
+        State.WAITING,
+        State.FAILED,
+        "claim",
+        "its stored envelope is over the worker's limit (max_payload_bytes + 64 KiB; it was written around "
+        "add()): error kind 'payload', no lease, no attempt spent",
     ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
     (
@@ -65,7 +71,19 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         "recover",
         "lease expired more than max_stalls times: reason 'stalled'",
     ),
+    (
+        State.FAILED,
+        State.WAITING,
+        "retry_failed",
+        "an operator's retry (qflow jobs retry): attempts, stalls and last error cleared; back of the line",
+    ),
 )
+"""Every state change the Lua scripts make, as rows ``(from, to, script, when)``: ``from`` is None for a job
+being created, ``script`` names ``lua/<script>.lua``. One script call may chain rows of its own (claim takes
+a job that just became due: delayed -> waiting -> active). The docs draw this table, and the Hypothesis state
+machine (tests/integration/test_lifecycle_stateful.py) fails on any change of a job's stored state that no
+row explains. Removing a job is not a transition: retention trims finished jobs (the diagram's ``[*]``), and
+claim drops a waiting id whose envelope was deleted by hand."""
 
 
 class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

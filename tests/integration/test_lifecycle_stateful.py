@@ -1,9 +1,15 @@
 """The lifecycle Lua scripts, driven in random interleavings against a pure-Python model of one queue.
 
-A Hypothesis state machine calls add / claim / renew / complete / fail / retry / release / recover through
-``qflow._scripts.script(name)`` (EVALSHA with its EVAL fallback, which ``SCRIPT FLUSH`` steps exercise) on the
-real key names of ``QueueKeys``, and after every step compares the queue's whole Redis state, read in one
-MULTI, with the model.
+A Hypothesis state machine calls add / claim / renew / complete / fail / retry / release / recover /
+retry_failed through ``qflow._scripts.script(name)`` (EVALSHA with its EVAL fallback, which ``SCRIPT FLUSH``
+steps exercise) on the real key names of ``QueueKeys``, and after every step compares the queue's whole Redis
+state, read in one MULTI, with the model.
+
+It also holds the scripts to the lifecycle table the docs draw, ``qflow._state.TRANSITIONS``: every change
+of a job's stored state between two steps must be a row of the script that ran (or a chain of its rows within
+one call, as claim's delayed -> waiting -> active). The other direction is checked statically: each script
+writes exactly the states its rows lead to (tests/unit/test_state.py reads them from the Lua text). Asserting
+that one run saw every row would be flaky: some rows turn up in only about one example in ten.
 
 Time is made deterministic without sleeping: a lease is valid only while its deadline is later than the
 server clock, so a 0 ms lease (from claim or renew) is expired as soon as it is granted, while a 60 s lease
@@ -12,7 +18,8 @@ one job: it moves that job's lease deadline or due time into the past, as the se
 
 Expired deadlines and due times are then rewritten to small distinct past scores ("ticks"), so the order in
 which recover and claim pick them up does not depend on which millisecond a call ran in: Hypothesis needs
-every run of a step sequence to behave the same, or it cannot replay and shrink a failure.
+every run of a step sequence to behave the same, or it cannot replay and shrink a failure. Failure times get
+ticks too (after a check that the script stored its server time), so "oldest failures first" is exact.
 
 Trimming stays out of the machine (retention is far above anything a run creates); a separate test covers it.
 """
@@ -42,6 +49,7 @@ from hypothesis.stateful import (
 
 from qflow._keys import SCHEMA_VERSION, QueueKeys
 from qflow._scripts import script
+from qflow._state import TRANSITIONS
 
 QUEUE = "lifecycle"
 LONG_MS = 60_000  # a lease that outlives any run by far
@@ -72,6 +80,32 @@ def unpack_claimed(packed: bytes) -> list[tuple[str, str, str, int, int]]:
         jobs.append((job_id, token, envelope, attempts, stalls))
     assert pos == len(packed), "claim's packed reply ends inside a job"
     return jobs
+
+
+def explained(before: str | None, after: str | None, scripts: list[str]) -> bool:
+    """Whether TRANSITIONS rows of `scripts`, run in this order, take a stored state from `before` to `after`.
+
+    None is no state (a job not created yet). Each script call may move the job along any chain of its own
+    rows (claim: delayed -> waiting -> active), or leave it where it was. States are compared as the strings
+    Redis stores (``State`` is a ``StrEnum``).
+    """
+    reach: set[str | None] = {before}
+    for name in scripts:
+        moves = [(src, dst) for src, dst, script_name, _ in TRANSITIONS if script_name == name]
+        frontier = list(reach)
+        while frontier:
+            at = frontier.pop()
+            for src, dst in moves:
+                if src == at and dst not in reach:
+                    reach.add(dst)
+                    frontier.append(dst)
+    return after in reach
+
+
+def show_rows(scripts: list[str]) -> str:
+    """The TRANSITIONS rows of these scripts, for a failure message."""
+    rows = [f"{src or '(new)'} -> {dst} ({name})" for src, dst, name, _ in TRANSITIONS if name in scripts]
+    return "; ".join(rows) or "none"
 
 
 @dataclass
@@ -115,7 +149,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.delayed: dict[str, int] = {}  # id -> 0 while not due, else the tick it became due at
         self.active: dict[str, Lease] = {}
         self.completed: set[str] = set()
-        self.failed: set[str] = set()
+        self.failed: dict[str, int] = {}  # id -> the tick its failure time was pinned to (see `pin_failed`)
         self.attempts: Counter[str] = Counter()
         self.stalls: Counter[str] = Counter()
         self.results: dict[str, str] = {}
@@ -124,6 +158,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.issued: dict[str, list[str]] = {}  # id -> tokens of all its deliveries so far
         self.held: list[Held] = []
         self.finished: dict[str, tuple[Any, ...]] = {}  # a finished job as first seen; must never change
+        # What the lifecycle check needs: the scripts called since the last check, and each job's stored
+        # state at that check.
+        self.ran: list[str] = []
+        self.seen: dict[str, str] = {}
         self.serial = 0
         self.max_stalls = 2
         self.tick = 0
@@ -140,6 +178,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     # -- helpers ---------------------------------------------------------------------------------------
 
     def call(self, name: str, keys: list[str], argv: list[Any]) -> Any:
+        if not self.ran or self.ran[-1] != name:  # calls in a row of one script chain the same rows
+            self.ran.append(name)
         return self.runner.run(script(name)(self.client, keys, argv))
 
     def next_serial(self) -> int:
@@ -222,6 +262,22 @@ class LifecycleMachine(RuleBasedStateMachine):
         for job_id in job_ids:
             self.active[job_id].expired_at = self.tick
 
+    def pin_failed(self, job_ids: list[str]) -> None:
+        """Jobs one script call just failed: check it stored the server time, then pin that to ticks."""
+        if not job_ids:
+            return
+        with self.sync.pipeline(transaction=True) as p:
+            p.time()
+            for job_id in job_ids:
+                p.zscore(self.k.failed, job_id)
+            (secs, micros), *scores = p.execute()
+        assert len(set(scores)) == 1, "one script call stored different failure times"
+        assert self.past_ms < scores[0] <= secs * 1000 + micros // 1000, "failure time is not the server's"
+        for job_id in job_ids:
+            self.tick += 1
+            self.failed[job_id] = self.tick
+        assert self.sync.zadd(self.k.failed, {i: self.failed[i] for i in job_ids}, xx=True) == 0
+
     def drop_held(self, pairs: list[tuple[str, str]]) -> None:
         """A worker forgets a delivery once it acked it, whatever the answer was."""
         self.held = [h for h in self.held if (h.id, h.token) not in pairs]
@@ -252,7 +308,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 job_id = data.draw(st.sampled_from(sorted(self.envelopes)), label="existing id")
             else:
                 job_id = f"j{len(self.envelopes)}"
-            envelope = f"env-{job_id}-{self.next_serial()}"
+            # Sizes vary (padding) so that a claim's largest-envelope limit can fail some jobs and not others.
+            pad = data.draw(st.sampled_from([0, 0, 40]), label="padding")
+            envelope = f"env-{job_id}-{self.next_serial()}" + "." * pad
             delay = LATER_MS if mode == "delay" else 0
             run_at = {"run_at_past": self.past_ms, "run_at_future": self.future_ms}.get(mode, 0)
             argv += [job_id, envelope, delay, run_at]
@@ -272,7 +330,10 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def claim(self, data: st.DataObject) -> None:
-        """Promote due delayed jobs, then take up to `count` waiting jobs under a long or a 0 ms lease."""
+        """Promote due delayed jobs, then take up to `count` waiting jobs under a long or a 0 ms lease.
+
+        Sometimes with a largest accepted envelope (ARGV[4]) that some taken jobs exceed: those fail at claim.
+        """
         count = data.draw(st.integers(1, 3), label="count")
         lease = data.draw(LEASES, label="lease ms")
         worker = data.draw(st.sampled_from(WORKERS), label="worker")
@@ -280,12 +341,25 @@ class LifecycleMachine(RuleBasedStateMachine):
             del self.delayed[job_id]
             self.wait.insert(0, job_id)
         taken = [self.wait.pop() for _ in range(min(count, len(self.wait)))]
+        # Just under a taken job's size (it and every larger one fail), or exactly the largest (none fails).
+        sizes = sorted({len(self.envelopes[i]) for i in taken})
+        limits = [n - 1 for n in sizes] + sizes[-1:]
+        largest = data.draw(st.sampled_from([None, None, *limits]), label="largest envelope")
         k = self.k
-        res = self.call(
-            "claim",
-            [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
-            [count, lease, PROMOTE_LIMIT],
-        )
+        keys = [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq]
+        argv: list[Any] = [count, lease, PROMOTE_LIMIT]
+        over: list[str] = []
+        if largest is not None:
+            error = f"err-too-large-{self.next_serial()}"
+            keys += [k.failed, k.errors, k.stats]
+            argv += [largest, error]
+            over = [i for i in taken if len(self.envelopes[i]) > largest]
+            for job_id in over:
+                self.errors[job_id] = error  # no lease, no token, no attempt spent
+                self.stats["failed"] += 1
+        res = self.call("claim", keys, argv)
+        self.pin_failed(over)
+        leased = [i for i in taken if i not in over]
         next_due, left = int(res[0]), int(res[1])
         assert left == len(self.wait)
         if self.delayed:
@@ -294,7 +368,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert next_due == -1
         assert len(res) == 3
         groups = unpack_claimed(res[2])
-        assert [g[0] for g in groups] == taken
+        assert [g[0] for g in groups] == leased
         seen = {t for ts in self.issued.values() for t in ts}
         tokens = [g[1] for g in groups]
         assert len(set(tokens)) == len(tokens)
@@ -306,7 +380,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.issued.setdefault(job_id, []).append(token)
             self.held.append(Held(worker, job_id, token))
         if lease == 0:
-            self.expire(taken)
+            self.expire(leased)
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), lease=LEASES)
@@ -369,12 +443,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         [(job_id, token)] = self.draw_deliveries(data, 1)
         error = f"err-fail-{self.next_serial()}"
         del self.active[job_id]
-        self.failed.add(job_id)
         self.errors[job_id] = error
         self.attempts[job_id] += int(spent)
         self.stats["failed"] += 1
         argv = [job_id, token, error, int(spent), KEEP, -1, NOTIFY_TTL_MS]
         assert self.call("fail", self.fail_keys(job_id), argv) == 1
+        self.pin_failed([job_id])
         self.drop_held([(job_id, token)])
 
     def retry_keys(self) -> list[str]:
@@ -495,20 +569,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         ids = [i.decode() for i in res[2:]]
         assert len(ids) == len(set(ids))
         assert set(ids) == expected
-        recovered = failed = 0
+        recovered, failed = 0, []
         for job_id in ids:  # in the script's order: each RPUSH puts the job next in line
             del self.active[job_id]
             self.stalls[job_id] += 1
             if self.stalls[job_id] > self.max_stalls:
-                self.failed.add(job_id)
                 self.errors[job_id] = "stalled"
-                failed += 1
+                failed.append(job_id)
             else:
                 self.wait.append(job_id)
                 recovered += 1
-        assert [int(res[0]), int(res[1])] == [recovered, failed]
-        self.stats["stalled"] += recovered + failed
-        self.stats["failed"] += failed
+        assert [int(res[0]), int(res[1])] == [recovered, len(failed)]
+        self.pin_failed(failed)
+        self.stats["stalled"] += recovered + len(failed)
+        self.stats["failed"] += len(failed)
         if not second_checker:
             return
         # A second checker within the same interval finds the lock taken and does nothing.
@@ -516,6 +590,56 @@ class LifecycleMachine(RuleBasedStateMachine):
         before = self.without_time(self.snapshot())
         assert self.recover_call() == [-1]
         assert self.without_time(self.snapshot()) == before
+
+    # -- the operator ----------------------------------------------------------------------------------
+
+    def retry_failed_keys(self) -> list[str]:
+        k = self.k
+        return [k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats]
+
+    def requeue(self, job_id: str) -> None:
+        """retry_failed.lua on one failed job: to the back of wait, its counters and last error cleared."""
+        del self.failed[job_id]
+        del self.attempts[job_id]
+        del self.stalls[job_id]
+        self.errors.pop(job_id, None)
+        self.wait.insert(0, job_id)
+        self.stats["requeued"] += 1
+        self.finished.pop(job_id, None)  # no longer finished: it may change again
+
+    @precondition(lambda self: self.failed)
+    @rule(data=st.data())
+    def retry_failed(self, data: st.DataObject) -> None:
+        """Retry jobs by id: a failed one is requeued (1), another is left alone (0), an unknown id is -1."""
+        others = sorted(set(self.envelopes) - set(self.failed))
+        ids = data.draw(
+            st.lists(
+                st.sampled_from(sorted(self.failed)) | st.sampled_from([*others, "ghost"]),
+                min_size=1,
+                max_size=4,
+            ),
+            label="ids",
+        )
+        expected = []
+        for job_id in ids:  # in order: an id given twice is requeued once, then is not failed
+            if job_id not in self.envelopes:
+                expected.append(-1)
+            elif job_id not in self.failed:
+                expected.append(0)
+            else:
+                self.requeue(job_id)
+                expected.append(1)
+        assert self.call("retry_failed", self.retry_failed_keys(), ["ids", *ids]) == expected
+
+    @precondition(lambda self: self.failed)
+    @rule(n=st.integers(1, 3))
+    def retry_oldest_failed(self, n: int) -> None:
+        """Retry the `n` oldest failures, oldest first; the reply counts jobs moved and failed ones left."""
+        oldest = sorted(self.failed, key=self.failed.__getitem__)[:n]
+        for job_id in oldest:
+            self.requeue(job_id)
+        reply = self.call("retry_failed", self.retry_failed_keys(), ["oldest", n])
+        assert reply == [len(oldest), len(self.failed)]
 
     # -- time passing, and the server forgetting scripts ------------------------------------------------
 
@@ -555,7 +679,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert set(s["delayed"]) == set(self.delayed)
         assert set(s["active"]) == set(self.active)
         assert set(s["completed"]) == self.completed
-        assert set(s["failed"]) == self.failed
+        assert s["failed"] == {i: float(tick) for i, tick in self.failed.items()}
         assert s["state"] == {i: self.location(i) for i in self.envelopes}
         # An active job has a token, and only an active one; a lease is live only while deadline > now.
         assert s["tokens"] == {i: lease.token for i, lease in self.active.items()}
@@ -592,12 +716,28 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
             assert self.finished.setdefault(i, record) == record, f"finished job {i} changed"
 
+    @invariant()
+    def check_every_transition_is_a_row(self) -> None:
+        """Since the last check, each stored state moved only along TRANSITIONS rows of the scripts run."""
+        states = {str(i): str(state) for i, state in self.sync.hgetall(self.k.state).items()}
+        ran, self.ran = self.ran, []
+        for job_id in sorted(self.seen.keys() | states.keys()):
+            before, after = self.seen.get(job_id), states.get(job_id)
+            if before == after:
+                continue
+            assert explained(before, after, ran), (
+                f"job {job_id} went {before or '(new)'} -> {after} while {', '.join(ran) or 'no script'} "
+                f"ran, and no row of qflow._state.TRANSITIONS explains it (rows of those scripts: "
+                f"{show_rows(ran)}): add the row and run `python docs/hooks/lifecycle.py`, or fix the script"
+            )
+        self.seen = states
+
 
 # A passing run takes seconds. A failing one shrinks for up to Hypothesis's own 5-minute cap; a pytest timeout
 # before that would cut the shrink short and bury the minimal step list under a FlakyStrategyDefinition.
 @pytest.mark.timeout(420)
 def test_lifecycle_scripts_match_the_model_under_any_interleaving(redis_url: str) -> None:
-    """Any mix of adds, claims, acks, stale acks, crashes and recoveries keeps each job in one place."""
+    """Any mix of adds, claims, acks, crashes, recoveries and retries keeps jobs in one place, on rows."""
     # No explain phase: it re-runs the failing case under a line tracer, which with a server round trip per
     # step takes minutes and runs into the pytest timeout; the shrunk step list is what one needs.
     run_state_machine_as_test(

@@ -1,14 +1,20 @@
-"""The pure lifecycle module: backoff arithmetic and the retry decision."""
+"""The pure lifecycle module: backoff arithmetic, the retry decision, and the transition table."""
 
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qflow._scripts import SCRIPT_NAMES, load_source
 from qflow._state import DEFAULT_BACKOFF, TERMINAL, TRANSITIONS, Backoff, State, decide_after_error
+
+# Scripts an operator runs by hand (`qflow jobs retry`): the only ones that may take a job out of a terminal
+# state. A worker never undoes a recorded outcome.
+OPERATOR_SCRIPTS = frozenset({"retry_failed"})
 
 
 def test_fixed_backoff_waits_the_same_every_time() -> None:
@@ -79,11 +85,46 @@ def test_backoff_uses_the_attempt_number() -> None:
 
 
 def test_transition_table_is_closed_over_states() -> None:
-    """Every transition starts from a known state (or creation) and no transition leaves a terminal state."""
+    """Every transition starts from a known state (or creation); only an operator leaves a terminal one."""
     for src, dst, script, why in TRANSITIONS:
         assert src is None or isinstance(src, State)
         assert isinstance(dst, State)
         assert script
         assert why
-        assert src not in TERMINAL
+        assert src not in TERMINAL or script in OPERATOR_SCRIPTS, (src, dst, script)
     assert {dst for _, dst, _, _ in TRANSITIONS} == set(State)
+
+
+def test_every_transition_names_a_script_qflow_loads() -> None:
+    """Each row's script is one of qflow's Lua scripts (``lua/<script>.lua``)."""
+    for _, _, script, _ in TRANSITIONS:
+        assert script in SCRIPT_NAMES
+        assert load_source(script)
+
+
+def states_written(source: str) -> set[str]:
+    """The states a Lua script's text stores in the state hash (the key its header names ``state``).
+
+    Two forms are read: ``redis.call('HSET', KEYS[n], id, 'waiting')``, and ``call_batched('HSET', KEYS[n],
+    states)`` after ``states[#states + 1] = 'waiting'``. Any other HSET of that key fails the test, so a new
+    way of writing a state cannot slip past it.
+    """
+    header = re.findall(r"KEYS\[(\d+)\] state\b", source)
+    if not header:
+        return set()
+    key = re.escape(f"KEYS[{header[0]}]")
+    direct = re.findall(rf"redis\.call\('HSET', {key}, \w+, '(\w+)'\)", source)
+    lists = re.findall(rf"call_batched\('HSET', {key}, (\w+)\)", source)
+    assert len(re.findall(rf"'HSET', {key}", source)) == len(direct) + len(lists), "an HSET form not read"
+    found = set(direct)
+    for name in lists:
+        found |= set(re.findall(rf"\b{name}\[#{name} \+ 1\] = '(\w+)'", source))
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPT_NAMES)
+def test_the_states_a_script_writes_are_the_targets_of_its_rows(script: str) -> None:
+    """Read from its Lua text, each script stores exactly the states its TRANSITIONS rows lead to."""
+    targets = {dst.value for _, dst, name, _ in TRANSITIONS if name == script}
+    written = states_written(load_source(script))
+    assert written == targets, f"{script}.lua stores {sorted(written)}; its rows lead to {sorted(targets)}"
