@@ -69,7 +69,7 @@ def check_installed_files(source: Path | None) -> None:
         if missing:
             fail(f"files of the source tree missing from the installed package: {missing}")
         print(f"smoke: all {len(expected)} files of qflow/ are installed in {package}")
-    for required in ("py.typed", "lua"):
+    for required in ("py.typed", "_broker/lua/claim.lua"):
         if not (package / required).exists():
             fail(f"{required} is missing from the installed package {package}")
 

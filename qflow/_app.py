@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
-from ._keys import check_queue_name
+from ._broker.keys import check_queue_name
 from ._settings import RetentionSettings, WorkerSettings
 from .exceptions import ConfigurationError
 

@@ -1,4 +1,4 @@
-"""What a worker holds for each queue and each claimed job: slots, deliveries, the claim reply format.
+"""What a worker holds for each queue and each claimed job: slots, lanes, deliveries.
 
 ``_worker.py`` runs the loop; this module holds its per-queue and per-job state.
 """
@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,11 +15,11 @@ import anyio
 from ._aio import wait_first
 
 if TYPE_CHECKING:
+    from ._broker.scripts import Claimed
     from ._codec import Envelope
-    from ._keys import QueueKeys
     from ._queue import Queue
 
-__all__ = ("Delivery", "Lanes", "QueueRunner", "Slots", "unpack_claimed")
+__all__ = ("Delivery", "Lanes", "QueueRunner", "Slots")
 
 
 class Lanes:
@@ -114,22 +113,19 @@ class Delivery:
     """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
 
     __slots__ = (
-        "ack", "attempts", "cancel_reason", "env", "envelope", "finishing", "holds_slot", "id", "notify",
-        "raw", "stalls", "started", "task", "token",
+        "ack", "attempts", "cancel_reason", "env", "envelope", "finishing", "holds_slot", "id", "raw",
+        "stalls", "started", "task", "token",
     )  # fmt: skip
 
-    def __init__(
-        self, raw: bytes, token: bytes, envelope: bytes, attempts: int, stalls: int, keys: QueueKeys
-    ):
+    def __init__(self, job: Claimed) -> None:
         # Ids go back to Redis as the exact bytes the claim returned: a raw write can make an id that is not
         # UTF-8, and it must neither crash the worker nor address another job.
-        self.raw = raw
-        self.id = raw.decode("utf-8", "surrogateescape")
-        self.notify = keys.notify(self.id).encode("utf-8", "surrogateescape")
-        self.token = token
-        self.envelope = envelope
-        self.attempts = attempts
-        self.stalls = stalls
+        self.raw = job.id
+        self.id = job.id.decode("utf-8", "surrogateescape")
+        self.token = job.token
+        self.envelope = job.envelope
+        self.attempts = job.attempts
+        self.stalls = job.stalls
         self.task: asyncio.Task[Any] | None = None
         """The task running the handler, while it runs (a lane runs many jobs one after another)."""
         self.env: Envelope | None = None
@@ -174,24 +170,3 @@ class QueueRunner:
         if d.holds_slot:
             d.holds_slot = False
             self.slots.give(1)
-
-
-_CLAIM_HEAD = struct.Struct(">IIIII")
-
-
-def unpack_claimed(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int, int]]:
-    """Split claim.lua's packed reply into (id, token, envelope, attempts spent, stalls) per job."""
-    head = _CLAIM_HEAD
-    size = head.size
-    pos = 0
-    end = len(packed)
-    while pos < end:
-        id_len, token_len, env_len, attempts, stalls = head.unpack_from(packed, pos)
-        pos += size
-        raw_id = packed[pos : pos + id_len]
-        pos += id_len
-        token = packed[pos : pos + token_len]
-        pos += token_len
-        envelope = packed[pos : pos + env_len]
-        pos += env_len
-        yield raw_id, token, envelope, attempts, stalls

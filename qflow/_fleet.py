@@ -3,8 +3,8 @@
 Every worker process started by ``qflow worker`` runs ``heartbeat`` beside its own tasks (a ``Worker``
 companion). It writes a hash describing itself (host, pid, queues, concurrency, jobs running and claimed
 ahead, jobs done, started at) that expires unless renewed, and its id in a fleet-wide sorted set;
-``list_workers`` reads them from any machine. Keys are named in ``qflow._keys.FleetKeys``. Times come from
-the Redis server's clock.
+``list_workers`` reads them from any machine. Keys are named in ``qflow._broker.keys.FleetKeys``. Times come
+from the Redis server's clock.
 
 Reading needs no ``App`` with processors: ``discover_queues`` finds the queues of a prefix from the
 heartbeats and a ``SCAN`` of the key schema, so the operator commands work without ``module:app``.
@@ -23,11 +23,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from redis import exceptions as rexc
 
 from . import _codec
-from ._keys import FleetKeys, QueueKeys, check_queue_name
-from ._scripts import command, script
+from ._broker import commands, scripts
+from ._broker.errors import translated
+from ._broker.keys import FleetKeys, QueueKeys, check_queue_name
 from .exceptions import BrokerUnavailable, JobNotFound, PayloadError
 
 if TYPE_CHECKING:
@@ -244,16 +244,17 @@ async def _beat_forever(
                         "started_at": started_ms,
                         "last_seen": now_ms,
                     }
-                    async with client.pipeline(transaction=True) as pipe:
-                        pipe.hset(key, items=[part for kv in fields.items() for part in kv])
-                        pipe.pexpire(key, int(ttl * 1000))
-                        pipe.zadd(keys.workers, {worker.id: now_ms})
-                        await pipe.execute()
+                    with translated("the fleet heartbeat"):
+                        async with client.pipeline(transaction=True) as pipe:
+                            pipe.hset(key, items=[part for kv in fields.items() for part in kv])
+                            pipe.pexpire(key, int(ttl * 1000))
+                            pipe.zadd(keys.workers, {worker.id: now_ms})
+                            await pipe.execute()
                     last_state, last_load, last_beat = state, load, loop.time()
                     if failing:
                         log.info("fleet heartbeat restored")
                     failing = False
-                except (rexc.ConnectionError, rexc.TimeoutError, BrokerUnavailable) as exc:
+                except BrokerUnavailable as exc:
                     if not failing:
                         log.warning("fleet heartbeat failed (%s); `qflow status` may miss this worker", exc)
                     failing = True
@@ -281,11 +282,7 @@ async def _deregister(app: App, keys: FleetKeys, worker_id: str) -> None:
 
 async def _server_ms(client: aioredis.Redis) -> int:
     """Milliseconds on the Redis server's clock (``TIME``)."""
-    try:
-        secs, micros = await command(client, "TIME")
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
-    return int(secs) * 1000 + int(micros) // 1000
+    return await commands.server_ms(client)
 
 
 # -- reading the fleet (any process) ----------------------------------------------------------------------
@@ -295,7 +292,7 @@ async def list_workers(app: App) -> list[WorkerInfo]:
     """Every worker process whose heartbeat is current, on every host, oldest first."""
     client = app.redis()
     keys = FleetKeys(app.prefix)
-    try:
+    with translated("the fleet registry"):
         members = typing.cast("list[bytes]", await client.zrange(keys.workers, 0, -1))
         ids = [_text(x) for x in members]
         if not ids:
@@ -307,8 +304,6 @@ async def list_workers(app: App) -> list[WorkerInfo]:
         gone = [worker_id for worker_id, h in zip(ids, hashes, strict=True) if not h]
         if gone:
             await client.zrem(keys.workers, *gone)
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
     out = [_worker_info(worker_id, h) for worker_id, h in zip(ids, hashes, strict=True) if h]
     return sorted(out, key=lambda w: (w.started_at, w.host, w.pid))
 
@@ -366,7 +361,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
     out: list[QueueInfo] = []
     for q in selected:
         k = q.keys
-        try:
+        with translated("the counts of a queue"):
             async with client.pipeline(transaction=True) as pipe:
                 pipe.llen(k.wait)
                 pipe.zcard(k.active)
@@ -379,8 +374,6 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
                 pipe.zcount(k.failed, since, "+inf")
                 pipe.zrange(k.failed, 0, 0, withscores=True)
                 res = await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
         (
             waiting,
             active,
@@ -432,7 +425,7 @@ async def discover_queues(app: App) -> list[str]:
     names = {q for w in await list_workers(app) for q in w.queues}
     head, tail = f"{app.prefix}:{{", "}:meta"
     pattern = _glob_escape(head) + "*" + _glob_escape(tail)
-    try:
+    with translated("SCAN"):
         async for raw in app.redis().scan_iter(match=pattern, count=1000, _type="hash"):
             key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             name = key[len(head) : -len(tail)]
@@ -442,8 +435,6 @@ async def discover_queues(app: App) -> list[str]:
                 continue  # another key that matches the pattern (a name with braces is no queue)
             if QueueKeys(app.prefix, name).meta == key:
                 names.add(name)
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
     return sorted(names)
 
 
@@ -498,7 +489,7 @@ async def list_jobs(queue: Queue, state: str, limit: int) -> JobList:
         raise ValueError(f"limit must be >= 1, got {limit!r}")
     k = queue.keys
     client = queue.app.redis()
-    try:
+    with translated("a job list"):
         async with client.pipeline(transaction=True) as pipe:
             if state == "waiting":
                 pipe.llen(k.wait)
@@ -511,8 +502,6 @@ async def list_jobs(queue: Queue, state: str, limit: int) -> JobList:
                 else:
                     pipe.zrange(zset, 0, limit - 1, withscores=True)
             total, entries = await pipe.execute()
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
     if state == "waiting":
         jobs = [ListedJob(id=_job_id(raw), at=None) for raw in reversed(entries)]
     else:
@@ -529,7 +518,7 @@ async def show_job(queue: Queue, job_id: str) -> JobInfo:
     """Read everything stored about one job; raise ``JobNotFound`` if there is none."""
     k = queue.keys
     client = queue.app.redis()
-    try:
+    with translated("a job's record"):
         async with client.pipeline(transaction=True) as pipe:
             pipe.hget(k.state, job_id)
             pipe.hget(k.jobs, job_id)
@@ -540,8 +529,6 @@ async def show_job(queue: Queue, job_id: str) -> JobInfo:
             for zset in (k.completed, k.failed, k.delayed, k.active):
                 pipe.zscore(zset, job_id)
             state, env_raw, attempts, stalls, result, error, *scores = await pipe.execute()
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
     if state is None:
         raise JobNotFound(f"no job {job_id!r} in queue {queue.name!r} (never added, or trimmed by retention)")
     name: str | None = None
@@ -584,24 +571,26 @@ async def retry_failed(
     (``lua/retry_failed.lua``), so a job is never seen half-moved, and a job that is not ``failed`` (it was
     retried already, or is running) is left alone.
     """
-    k = queue.keys
-    keys = [k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats]
-    run = script("retry_failed")
+    keys = queue.keys
     client = queue.app.redis()
     counts = {"requeued": 0, "not_failed": 0, "missing": 0}
     if job_ids is None:
         previous = -1
         while True:
-            moved, left = await run(client, keys, ["oldest", batch])
-            counts["requeued"] += int(moved)
-            if int(left) == 0 or int(left) == previous:
+            moved, left = await scripts.retry_oldest_failed(client, keys, batch)
+            counts["requeued"] += moved
+            if left == 0 or left == previous:
                 return counts
-            previous = int(left)
+            previous = left
     ids = list(job_ids)
+    names = {
+        scripts.Requeue.REQUEUED: "requeued",
+        scripts.Requeue.NOT_FAILED: "not_failed",
+        scripts.Requeue.MISSING: "missing",
+    }
     for start in range(0, len(ids), batch):
-        flags = await run(client, keys, ["ids", *ids[start : start + batch]])
-        for flag in flags:
-            counts[{1: "requeued", 0: "not_failed", -1: "missing"}[int(flag)]] += 1
+        for outcome in await scripts.retry_failed(client, keys, ids[start : start + batch]):
+            counts[names[outcome]] += 1
     return counts
 
 

@@ -10,12 +10,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import msgspec
-from redis import exceptions as rexc
 
 from . import _codec
-from ._keys import SCHEMA_VERSION, QueueKeys
+from ._broker import commands, scripts
+from ._broker.errors import is_timeout, translated
+from ._broker.keys import QueueKeys
 from ._processor import Processor
-from ._scripts import command, script
 from ._state import Backoff, State
 from .exceptions import (
     BrokerUnavailable,
@@ -77,10 +77,8 @@ class Job(Generic[T]):
     async def status(self) -> State | None:
         """The job's current state, or ``None`` if no such job exists (never added, or trimmed)."""
         client = self.queue.app.redis()
-        try:
+        with translated("HGET state"):
             raw = await client.hget(self.queue.keys.state, self.id)
-        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
         return None if raw is None else State(_text(raw))
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -98,16 +96,13 @@ class Job(Generic[T]):
         # A blocking call must return before the socket timeout fires; recovery by the stalled-job checker
         # does not notify, so re-reading every few seconds also bounds how late such a failure is seen.
         chunk = max(0.05, min(2.0, app.socket_timeout - 1.0))
-        watch = script("watch")
         while True:
-            state, data = await watch(
-                client, [keys.state, keys.results, keys.errors, keys.waiters], [self.id]
-            )
+            state, data = await scripts.watch(client, keys, self.id)
             if state is None:
                 raise JobNotFound(f"no job {self.id!r} in queue {self.queue.name!r}")
-            if state == b"completed":
+            if state == "completed":
                 return _codec.decode_any(data) if data is not None else None
-            if state == b"failed":
+            if state == "failed":
                 info = (
                     _codec.decode_error(data)
                     if data is not None
@@ -120,13 +115,10 @@ class Job(Generic[T]):
                 if remaining <= 0:
                     raise ResultTimeout(
                         f"job {self.id} in queue {self.queue.name!r} not finished after {timeout}s "
-                        f"(state: {_text(state)})"
+                        f"(state: {state})"
                     )
                 wait = min(wait, remaining)
-            try:
-                await command(client, "BLMOVE", notify, notify, "RIGHT", "RIGHT", f"{wait:.3f}")
-            except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-                raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
+            await commands.wait_for_push(client, notify, wait)
 
 
 class Queue:
@@ -212,8 +204,8 @@ class Queue:
             return register(fn)
         return _Decorator(register)
 
-    def _prepare(self, spec: JobSpec) -> tuple[Job[Any], list[bytes | str | int]]:
-        """Validate and encode one job; nothing is written. Returns its handle and its add-script ARGV."""
+    def _prepare(self, spec: JobSpec) -> tuple[Job[Any], scripts.NewJob]:
+        """Validate and encode one job; nothing is written. Returns its handle and what ``add`` stores."""
         if not isinstance(spec.name, str) or not spec.name:
             raise ConfigurationError(f"job name must be a non-empty str, got {spec.name!r}")
         proc = self.processors.get(spec.name)
@@ -259,7 +251,7 @@ class Queue:
                 backoff=spec.backoff,
             )
         )
-        return Job(self, job_id, spec.name, payload), [job_id, envelope, delay_ms, run_at_ms]
+        return Job(self, job_id, spec.name, payload), scripts.NewJob(job_id, envelope, delay_ms, run_at_ms)
 
     async def add(
         self,
@@ -280,12 +272,12 @@ class Queue:
         the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` override the processor's defaults.
         Invalid input raises before anything is written.
         """
-        job, argv = self._prepare(JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff))
+        job, new = self._prepare(JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff))
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = _AddBatcher(self)
-        await batcher.submit(argv)
+        await batcher.submit(new)
         return job
 
     async def add_bulk(self, jobs: Iterable[JobSpec]) -> list[Job[Any]]:
@@ -296,22 +288,18 @@ class Queue:
         prepared = [self._prepare(spec) for spec in jobs]
         handles = [job for job, _ in prepared]
         for start in range(0, len(prepared), _ADD_CHUNK):
-            chunk = prepared[start : start + _ADD_CHUNK]
-            argv = [part for _, args in chunk for part in args]
-            await self._run_add(argv)
+            await self._run_add([new for _, new in prepared[start : start + _ADD_CHUNK]])
         return handles
 
-    async def _run_add(self, argv: list[bytes | str | int]) -> None:
-        k = self.keys
-        keys = [k.jobs, k.state, k.wait, k.delayed, k.meta]
+    async def _run_add(self, jobs: list[scripts.NewJob]) -> None:
         try:
-            await script("add")(self.app.redis(), keys, [SCHEMA_VERSION, *argv])
+            await scripts.add(self.app.redis(), self.keys, jobs)
         except BrokerUnavailable as exc:
-            if isinstance(exc.__cause__, rexc.TimeoutError):
+            if is_timeout(exc):
                 raise  # a silent server: do not double the wait
             # One retry for a connection that died under us (e.g. a server restart). Safe: the ids were
             # made before the first try, so a write that did land is recognised and not repeated.
-            await script("add")(self.app.redis(), keys, [SCHEMA_VERSION, *argv])
+            await scripts.add(self.app.redis(), self.keys, jobs)
 
     def job(self, job_id: str) -> Job[Any]:
         """A handle on an existing job by id (no I/O; ``status()`` tells whether it exists)."""
@@ -321,7 +309,7 @@ class Queue:
         """Jobs per state right now: waiting, active, delayed, completed, failed (one round trip)."""
         k = self.keys
         client = self.app.redis()
-        try:
+        with translated("the counts of a queue"):
             async with client.pipeline(transaction=True) as pipe:
                 pipe.llen(k.wait)
                 pipe.zcard(k.active)
@@ -329,13 +317,12 @@ class Queue:
                 pipe.zcard(k.completed)
                 pipe.zcard(k.failed)
                 values = await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis did not answer: {exc}") from exc
         return dict(zip(("waiting", "active", "delayed", "completed", "failed"), values, strict=True))
 
     async def stats(self) -> dict[str, int]:
         """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""
-        raw = await self.app.redis().hgetall(self.keys.stats)
+        with translated("HGETALL stats"):
+            raw = await self.app.redis().hgetall(self.keys.stats)
         return {_text(key): int(value) for key, value in raw.items()}
 
 
@@ -352,18 +339,18 @@ class _AddBatcher:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.busy = False
-        self.waiting: list[tuple[list[bytes | str | int], asyncio.Future[None]]] = []
+        self.waiting: list[tuple[scripts.NewJob, asyncio.Future[None]]] = []
         self.flusher: asyncio.Task[None] | None = None
 
-    async def submit(self, argv: list[bytes | str | int]) -> None:
+    async def submit(self, job: scripts.NewJob) -> None:
         if self.busy:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiting.append((argv, fut))
+            self.waiting.append((job, fut))
             await fut
             return
         self.busy = True
         try:
-            await self.queue._run_add(argv)
+            await self.queue._run_add([job])
         finally:
             if self.waiting:
                 # Keep a reference: the event loop holds tasks only weakly.
@@ -372,13 +359,13 @@ class _AddBatcher:
                 self.busy = False
 
     async def _flush(self) -> None:
-        batch: list[tuple[list[bytes | str | int], asyncio.Future[None]]] = []
+        batch: list[tuple[scripts.NewJob, asyncio.Future[None]]] = []
         try:
             while self.waiting:
                 batch = self.waiting[:_ADD_CHUNK]
                 del self.waiting[:_ADD_CHUNK]
                 try:
-                    await self.queue._run_add([part for argv, _ in batch for part in argv])
+                    await self.queue._run_add([job for job, _ in batch])
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():

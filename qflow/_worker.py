@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-from redis import exceptions as rexc
 
 from . import _codec
 from ._aio import as_coro, cancel_until_done, wait_first
-from ._deliveries import Delivery, Lanes, QueueRunner, unpack_claimed
+from ._broker import commands, scripts
+from ._broker.errors import ErrorReply, translated
+from ._broker.servercheck import check_server
+from ._deliveries import Delivery, Lanes, QueueRunner
 from ._queue import Job, Queue
-from ._scripts import command, load_all, script
-from ._servercheck import check_server
 from ._settings import WorkerSettings
 from ._state import decide_after_error
 from .exceptions import BrokerFull, BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
@@ -168,7 +168,7 @@ class Worker:
         window = self.settings.prefetch_window
         self._runners = [QueueRunner(q, self._concurrency, window) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
-        await load_all(self.app.redis())
+        await scripts.load_all(self.app.redis())
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -245,7 +245,6 @@ class Worker:
         stop = self._stop
         client = self.app.redis()
         k = r.keys
-        claim = script("claim")
         lease_ms = int(self.settings.lease_ttl * 1000)
         # The envelope adds the name and options to the payload: allow a margin over max_payload_bytes.
         max_envelope = self.app.max_payload_bytes + 64 * 1024
@@ -257,27 +256,9 @@ class Worker:
                 kind="payload",
             )
         )
-        keys = [
-            k.wait,
-            k.active,
-            k.delayed,
-            k.jobs,
-            k.state,
-            k.tokens,
-            k.attempts,
-            k.stalls,
-            k.seq,
-            k.failed,
-            k.errors,
-            k.stats,
-        ]
-
-        def claim_args(n: int) -> list[Any]:
-            return [n, lease_ms, 1000, max_envelope, too_large]
-
         budget = None if self.max_jobs is None else self._job_budget
         failures = 0
-        carried: tuple[int, Any] | None = None  # (slots taken, claim reply) from _wait_then_claim
+        carried: tuple[int, scripts.ClaimReply] | None = None  # (slots taken, reply) from _wait_then_claim
         while not stop.is_set():
             if carried is not None:
                 (n, res), carried = carried, None
@@ -286,7 +267,9 @@ class Worker:
                 if n == 0:
                     break
                 try:
-                    res = await claim(client, keys, claim_args(n))
+                    res = await scripts.claim(
+                        client, k, count=n, lease_ms=lease_ms, max_envelope=max_envelope, too_large=too_large
+                    )
                     failures = 0
                 except (BrokerUnavailable, BrokerFull) as exc:
                     r.slots.give(n)
@@ -294,11 +277,10 @@ class Worker:
                     log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
                     await wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
                     continue
-            next_due_ms, waiting = int(res[0]), int(res[1])
-            got = 0
-            for raw_id, token, envelope, attempts, stalls in unpack_claimed(res[2]):
-                self._start(r, Delivery(raw_id, token, envelope, attempts, stalls, k))
-                got += 1
+            next_due_ms, waiting, jobs = res
+            for job in jobs:
+                self._start(r, Delivery(job))
+            got = len(jobs)
             if got < n:
                 r.slots.give(n - got)
             if waiting:
@@ -321,11 +303,11 @@ class Worker:
             n = await r.slots.take(1, stop, budget)
             if n == 0:
                 break
-            res = await self._wait_then_claim(r, timeout, keys, claim_args(n))
-            if res is None:
+            behind = await self._wait_then_claim(r, timeout, n, lease_ms, max_envelope, too_large)
+            if behind is None:
                 r.slots.give(n)
             else:
-                carried = (n, res)
+                carried = (n, behind)
 
     def _job_budget(self) -> int:
         """With ``max_jobs``: jobs this worker may still claim (those it holds count as handled soon)."""
@@ -335,89 +317,66 @@ class Worker:
     async def _wait_for_work(self, r: QueueRunner, timeout: float) -> None:
         """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
         assert self._stop is not None
-        client = self.app.redis()
-        blocking = command(client, "BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}")
+        blocking = commands.wait_for_push(self.app.redis(), r.keys.wait, timeout)
         waits: list[Awaitable[Any]] = [blocking, self._stop.wait()]
         if self.burst and r.in_flight:
             waits.append(r.idle.wait())
         try:
             await wait_first(*waits)
-        except (rexc.ConnectionError, rexc.TimeoutError, rexc.ResponseError) as exc:
-            # ResponseError: e.g. OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
+        except (QflowError, ErrorReply) as exc:
+            # BrokerFull: OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
             await wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
 
     async def _wait_then_claim(
-        self, r: QueueRunner, timeout: float, keys: list[str], args: list[Any]
-    ) -> Any | None:
-        """Block until a push with the claim queued behind the blocking call, on one connection.
+        self, r: QueueRunner, timeout: float, n: int, lease_ms: int, max_envelope: int, too_large: bytes
+    ) -> scripts.ClaimReply | None:
+        """Block until a push with a claim of ``n`` queued behind the blocking call, on one connection.
 
-        One write sends ``CLIENT ID``, ``BLMOVE wait wait`` (rotates, takes nothing) and the claim script; the
-        server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip
-        instead of two. The claim is still the one script that moves ids into ``active`` under a lease.
-        ``stop()`` never abandons this call (a claim that ran would leave its jobs to lease expiry): it ends
-        the wait with ``CLIENT UNBLOCK``, and jobs claimed after a stop are released at once. Returns the
-        claim reply, or None (stopped, or the server failed). Where ``CLIENT ID`` is not allowed (ACLs), the
-        worker falls back to waiting, then claiming.
+        The server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip
+        instead of two (see ``scripts.wait_then_claim``). The claim is still the one script that moves ids
+        into ``active`` under a lease. ``stop()`` never abandons this call (a claim that ran would leave its
+        jobs to lease expiry): it ends the wait with ``CLIENT UNBLOCK``, and jobs claimed after a stop are
+        released at once. Returns the claim reply, or None (stopped, or the server failed). Where
+        ``CLIENT ID`` is not allowed (ACLs), the worker falls back to waiting, then claiming.
         """
-        assert self._stop is not None
-        client = self.app.redis()
-        pool = client.connection_pool
-        claim = script("claim")
-        conn = None
-        res: Any = None
-        clean = False
+        stop = self._stop
+        assert stop is not None
+
+        def parked(client_id: int) -> None:
+            self._parked[r] = client_id
+            if stop.is_set():
+                self._unpark()
+
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            await conn.send_packed_command(
-                conn.pack_commands(
-                    [
-                        ("CLIENT", "ID"),
-                        ("BLMOVE", r.keys.wait, r.keys.wait, "RIGHT", "RIGHT", f"{timeout:.3f}"),
-                        ("EVALSHA", claim.sha, len(keys), *keys, *args),
-                    ]
-                )
+            out = await scripts.wait_then_claim(
+                self.app.redis(),
+                r.keys,
+                timeout=timeout,
+                parked=parked,
+                count=n,
+                lease_ms=lease_ms,
+                max_envelope=max_envelope,
+                too_large=too_large,
             )
-            try:
-                client_id = await conn.read_response()
-            except rexc.ResponseError as exc:
-                self._claim_behind = False
-                log.info("CLIENT ID refused (%s): an idle worker waits, then claims (two round trips)", exc)
-            else:
-                if not isinstance(client_id, int):
-                    raise rexc.ConnectionError(f"unexpected reply to CLIENT ID: {client_id!r}")
-                self._parked[r] = client_id
-                if self._stop.is_set():
-                    self._unpark()
-            try:
-                # No explicit read timeout: redis-py answers None (and keeps the connection) when one
-                # expires, which would look like the wait's own nil. The wait is shorter than the socket
-                # timeout, so a socket timeout here means the server is gone (and disconnects).
-                await conn.read_response()
-            except rexc.ResponseError as exc:  # e.g. OOM at maxmemory (BLMOVE is a deny-oom write)
-                log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
-            try:
-                res = await conn.read_response()
-            except rexc.NoScriptError:
-                res = await claim(client, keys, args)  # nothing was claimed: claim now, sending the source
-            except rexc.ResponseError as exc:
-                if "OOM" not in str(exc):
-                    raise
-                log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
-            clean = True
-        except (rexc.ConnectionError, rexc.TimeoutError, rexc.ResponseError, QflowError) as exc:
-            log.warning("blocking wait and claim on %s failed (%s)", r.queue.name, exc)
-            res = None
-            await wait_first(self._stop.wait(), asyncio.sleep(min(timeout, 0.2)))
         finally:
             self._parked.pop(r, None)
-            if conn is not None:
-                if not clean:
-                    # Replies may still be due on it: never hand a half-read connection back to the pool.
-                    await conn.disconnect(nowait=True)
-                await pool.release(conn)
-        if res is not None and self._stop.is_set():
-            claimed = [Delivery(*job, r.keys) for job in unpack_claimed(res[2])]
+        if out.refused is not None:
+            self._claim_behind = False
+            log.info(
+                "CLIENT ID refused (%s): an idle worker waits, then claims (two round trips)", out.refused
+            )
+        if out.wait_error is not None:
+            log.warning("blocking wait on %s failed (%s)", r.queue.name, out.wait_error)
+        if out.claim_error is not None:
+            log.warning("claim on %s failed (%s); retrying", r.queue.name, out.claim_error)
+        if out.failed is not None:
+            log.warning("blocking wait and claim on %s failed (%s)", r.queue.name, out.failed)
+            await wait_first(stop.wait(), asyncio.sleep(min(timeout, 0.2)))
+            return None
+        res = out.reply
+        if res is not None and stop.is_set():
+            claimed = [Delivery(job) for job in res.jobs]
             if claimed:
                 await self._release(r, claimed)
             return None
@@ -430,9 +389,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for r, client_id in list(self._parked.items()):
             del self._parked[r]
-            task = loop.create_task(
-                command(self.app.redis(), "CLIENT", "UNBLOCK", client_id), name="qflow-unblock"
-            )
+            task = loop.create_task(commands.unblock(self.app.redis(), client_id), name="qflow-unblock")
             self._unblocks.add(task)
             task.add_done_callback(self._unblock_done)
 
@@ -447,12 +404,13 @@ class Worker:
             return False
         k = r.keys
         try:
-            async with self.app.redis().pipeline(transaction=True) as pipe:
-                pipe.llen(k.wait)
-                pipe.zcard(k.delayed)
-                pipe.zcard(k.active)
-                counts = await pipe.execute()
-        except (rexc.ConnectionError, rexc.TimeoutError):
+            with translated("the drained check"):
+                async with self.app.redis().pipeline(transaction=True) as pipe:
+                    pipe.llen(k.wait)
+                    pipe.zcard(k.delayed)
+                    pipe.zcard(k.active)
+                    counts = await pipe.execute()
+        except BrokerUnavailable:
             return False
         return not any(counts)
 
@@ -694,9 +652,7 @@ class Worker:
 
     async def _ack_loop(self, r: QueueRunner) -> None:
         client = self.app.redis()
-        k = r.keys
         ret = r.queue.retention
-        complete = script("complete")
         keep_age = -1 if ret.completed_age is None else int(ret.completed_age * 1000)
         notify_ttl = max(60_000, keep_age)
         while True:
@@ -705,24 +661,17 @@ class Worker:
             batch, r.pending_acks = r.pending_acks, []
             for start in range(0, len(batch), 200):
                 part = batch[start : start + 200]
-                argv: list[Any] = [ret.completed_count, keep_age, notify_ttl]
-                for d, data, _ in part:
-                    argv += [d.raw, d.token, data]
-                keys: list[str | bytes] = [
-                    k.active,
-                    k.tokens,
-                    k.state,
-                    k.results,
-                    k.completed,
-                    k.jobs,
-                    k.attempts,
-                    k.stalls,
-                    k.errors,
-                    k.waiters,
-                    k.stats,
-                ] + [d.notify for d, _, _ in part]
+                done = functools.partial(
+                    scripts.complete,
+                    client,
+                    r.keys,
+                    [(d.raw, d.token, data) for d, data, _ in part],
+                    keep_count=ret.completed_count,
+                    keep_age_ms=keep_age,
+                    notify_ttl_ms=notify_ttl,
+                )
                 try:
-                    flags = await self._with_retries(functools.partial(complete, client, keys, argv))
+                    flags: list[bool] = await self._with_retries(done)
                 except Exception as exc:
                     log.error(
                         "could not record %d completions on %s: %s; their leases will expire "
@@ -731,13 +680,12 @@ class Worker:
                         r.queue.name,
                         exc,
                     )
-                    flags = b"0" * len(part)
-                for (d, _, fut), flag in zip(part, flags, strict=True):
-                    ok = flag == 49  # ord("1")
+                    flags = [False] * len(part)
+                for (d, _, fut), ok in zip(part, flags, strict=True):
                     if not ok:
                         self._stale(r, d, "complete")
                     if not fut.done():
-                        fut.set_result(bool(ok))
+                        fut.set_result(ok)
 
     async def _with_retries(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Retry an ack while Redis is unreachable, up to one lease TTL (after which it would be rejected)."""
@@ -775,36 +723,23 @@ class Worker:
             info.type,
             info.message,
         )
-        k = r.keys
         ret = r.queue.retention
         keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
-        keys: list[str | bytes] = [
-            k.active,
-            k.tokens,
-            k.state,
-            k.errors,
-            k.failed,
-            k.jobs,
-            k.attempts,
-            k.stalls,
-            k.results,
-            k.waiters,
-            k.stats,
-            d.notify,
-        ]
-        argv = [
+        fail = functools.partial(
+            scripts.fail,
+            self.app.redis(),
+            r.keys,
             d.raw,
             d.token,
             _codec.encode_error(info),
-            int(spent),
-            ret.failed_count,
-            keep_age,
-            max(60_000, keep_age),
-        ]
-        fail = script("fail")
+            spent=spent,
+            keep_count=ret.failed_count,
+            keep_age_ms=keep_age,
+            notify_ttl_ms=max(60_000, keep_age),
+        )
         d.finishing = True
         r.free_slot(d)
-        ok = await self._with_retries(lambda: fail(self.app.redis(), keys, argv))
+        ok = await self._with_retries(fail)
         if ok:
             self.jobs_failed += 1
         else:
@@ -813,13 +748,18 @@ class Worker:
     async def _retry(self, r: QueueRunner, d: Delivery, delay: float, info: _codec.ErrorInfo) -> None:
         if not self._may_ack(d):
             return
-        k = r.keys
-        keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
-        argv = [d.raw, d.token, int(delay * 1000), _codec.encode_error(info)]
-        retry = script("retry")
+        retry = functools.partial(
+            scripts.retry,
+            self.app.redis(),
+            r.keys,
+            d.raw,
+            d.token,
+            delay_ms=int(delay * 1000),
+            error=_codec.encode_error(info),
+        )
         d.finishing = True
         r.free_slot(d)
-        ok = await self._with_retries(lambda: retry(self.app.redis(), keys, argv))
+        ok = await self._with_retries(retry)
         if ok:
             self.jobs_retried += 1
         else:
@@ -843,34 +783,19 @@ class Worker:
         runners = [r for r in self._runners if r.in_flight]
         if not runners:
             return
-        renew = script("renew")
-        lease_ms = int(self.settings.lease_ttl * 1000)
-        calls: list[tuple[QueueRunner, list[str], list[Any], dict[bytes, Delivery]]] = []
-        for r in runners:
-            argv: list[Any] = [lease_ms]
-            sent = {d.raw: d for d in r.in_flight.values()}
-            for d in sent.values():
-                argv += [d.raw, d.token]
-            calls.append((r, [r.keys.active, r.keys.tokens], argv, sent))
-        client = self.app.redis()
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for _, keys, argv, _ in calls:
-                    pipe.execute_command("EVALSHA", renew.sha, len(keys), *keys, *argv)
-                results = await pipe.execute(raise_on_error=False)
-        except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Redis did not answer lease renewal: {exc}") from exc
-        for (r, keys, argv, sent), lost in zip(calls, results, strict=True):
-            if isinstance(lost, rexc.NoScriptError):
-                # Send the source at once (not the SHA again): one extra round trip, not two.
-                lost = await command(client, "EVAL", renew.source, len(keys), *keys, *argv)
-            elif isinstance(lost, Exception):
-                raise lost
+        sent = [{d.raw: d for d in r.in_flight.values()} for r in runners]
+        renewals = [
+            (r.keys, [(d.raw, d.token) for d in held.values()]) for r, held in zip(runners, sent, strict=True)
+        ]
+        losses = await scripts.renew_all(
+            self.app.redis(), renewals, lease_ms=int(self.settings.lease_ttl * 1000)
+        )
+        for r, held, lost in zip(runners, sent, losses, strict=True):
             cancelled = []
             for raw in lost:
                 # The delivery whose token was sent: the job may have been claimed again meanwhile, and that
                 # newer delivery (another token) must not be cancelled for its predecessor's lost lease.
-                lost_d = sent.get(raw)
+                lost_d = held.get(raw)
                 # A delivery whose ack is on its way lost its token to that ack, not to another worker.
                 if lost_d is not None and not lost_d.finishing:
                     cancelled.append(lost_d.id)
@@ -899,7 +824,6 @@ class Worker:
 
     async def check_stalled(self, queue: Queue) -> list[str]:
         """Run the stalled-job recovery for ``queue`` once; returns the ids it recovered or failed."""
-        k = queue.keys
         ret = queue.retention
         s = self.settings
         stalled_error = _codec.encode_error(
@@ -910,42 +834,25 @@ class Worker:
                 kind="stalled",
             )
         )
-        res = await script("recover")(
+        res = await scripts.recover(
             self.app.redis(),
-            [
-                k.active,
-                k.tokens,
-                k.state,
-                k.wait,
-                k.failed,
-                k.errors,
-                k.stalls,
-                k.checker,
-                k.stats,
-                k.jobs,
-                k.results,
-                k.attempts,
-                k.waiters,
-            ],
-            [
-                self.id,
-                max(1, int(s.check_interval * 800)),
-                s.max_stalls,
-                stalled_error,
-                ret.failed_count,
-                -1 if ret.failed_age is None else int(ret.failed_age * 1000),
-                1000,
-            ],
+            queue.keys,
+            checker=self.id,
+            lock_ms=max(1, int(s.check_interval * 800)),
+            max_stalls=s.max_stalls,
+            stalled_error=stalled_error,
+            keep_count=ret.failed_count,
+            keep_age_ms=-1 if ret.failed_age is None else int(ret.failed_age * 1000),
         )
-        if int(res[0]) < 0:
+        if res is None:
             return []
-        ids = [x.decode("utf-8", "surrogateescape") for x in res[2:]]
+        ids = [x.decode("utf-8", "surrogateescape") for x in res.ids]
         if ids:
             log.warning(
                 "recovered %d stalled job(s) on %s (%d failed as stalled)",
-                int(res[0]),
+                res.requeued,
                 queue.name,
-                int(res[1]),
+                res.failed,
             )
         return ids
 
@@ -996,15 +903,11 @@ class Worker:
             r.in_flight.clear()
 
     async def _release(self, r: QueueRunner, deliveries: list[Delivery]) -> None:
-        k = r.keys
-        argv: list[Any] = []
-        for d in deliveries:
-            argv += [d.raw, d.token]
-        release = script("release")
+        release = functools.partial(
+            scripts.release, self.app.redis(), r.keys, [(d.raw, d.token) for d in deliveries]
+        )
         try:
-            flags = await self._with_retries(
-                lambda: release(self.app.redis(), [k.active, k.tokens, k.state, k.wait, k.stats], argv)
-            )
+            flags: list[bool] = await self._with_retries(release)
         except BrokerUnavailable as exc:
             log.error(
                 "could not release %d job(s) on %s (%s): they return when their leases expire",

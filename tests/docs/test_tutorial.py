@@ -32,7 +32,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-SERVER_NOTE = "the Redis server has AOF off"  # qflow._servercheck, about the test server's settings
+SERVER_NOTE = "the Redis server has AOF off"  # qflow._broker.servercheck, about the test server's settings
 
 
 def steps() -> list[tuple[Block, str | None]]:

@@ -42,7 +42,7 @@ import redis
 
 import qflow
 from qflow import _codec
-from qflow._keys import QueueKeys
+from qflow._broker.keys import QueueKeys
 from qflow.testing import valkey_binary
 
 # -- test-profile timing -----------------------------------------------------------------------------------

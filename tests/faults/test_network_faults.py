@@ -247,7 +247,7 @@ async def test_renewal_without_its_script_reloads_it_in_one_extra_round_trip(
 ) -> None:
     """On a server that has every script but ``renew`` (as after a restart or SCRIPT FLUSH, for one of them),
     a worker's renewals meet NOSCRIPT at most once: the fallback sends the source, not the SHA again."""
-    from qflow._scripts import SCRIPT_NAMES, load_source
+    from qflow._broker.scripts import SCRIPT_NAMES, load_source
 
     for name in SCRIPT_NAMES:
         if name != "renew":

@@ -19,8 +19,7 @@ import pytest
 
 import qflow
 from qflow import _codec
-from qflow._keys import SCHEMA_VERSION
-from qflow._scripts import script
+from qflow._broker import scripts
 from qflow.testing import FAST, drain
 
 MIB = 1024 * 1024
@@ -55,13 +54,8 @@ async def assert_counts(queue: qflow.Queue, **expected: int) -> None:
 
 async def inject(queue: qflow.Queue, job_id: str, envelope: bytes) -> qflow.Job[Any]:
     """Store raw envelope bytes as a waiting job through the add script, as a rogue producer would."""
-    k = queue.keys
-    created = await script("add")(
-        queue.app.redis(),
-        [k.jobs, k.state, k.wait, k.delayed, k.meta],
-        [SCHEMA_VERSION, job_id, envelope, 0, 0],
-    )
-    assert created == [1]
+    created = await scripts.add(queue.app.redis(), queue.keys, [scripts.NewJob(job_id, envelope)])
+    assert created == [True]
     return queue.job(job_id)
 
 
@@ -463,12 +457,8 @@ async def test_injected_job_with_non_utf8_id_does_not_crash_the_worker(app: qflo
     k = q.keys
     bad_id = b"\xff\xfe-not-utf8"
     before = await q.add("echo", 1)
-    created = await script("add")(
-        app.redis(),
-        [k.jobs, k.state, k.wait, k.delayed, k.meta],
-        [SCHEMA_VERSION, bad_id, msgspec.msgpack.encode(["echo", 2]), 0, 0],
-    )
-    assert created == [1]
+    created = await scripts.add(app.redis(), k, [scripts.NewJob(bad_id, msgspec.msgpack.encode(["echo", 2]))])
+    assert created == [True]
     after = await q.add("echo", 3)
 
     await drain(app)

@@ -1,9 +1,9 @@
 """The lifecycle Lua scripts, driven in random interleavings against a pure-Python model of one queue.
 
 A Hypothesis state machine calls add / claim / renew / complete / fail / retry / release / recover /
-retry_failed through ``qflow._scripts.script(name)`` (EVALSHA with its EVAL fallback, which ``SCRIPT FLUSH``
-steps exercise) on the real key names of ``QueueKeys``, and after every step compares the queue's whole Redis
-state, read in one MULTI, with the model.
+retry_failed through the broker's typed functions, ``qflow._broker.scripts`` (EVALSHA with its EVAL
+fallback, which ``SCRIPT FLUSH`` steps exercise) on the real key names of ``QueueKeys``, and after every
+step compares the queue's whole Redis state, read in one MULTI, with the model.
 
 It also holds the scripts to the lifecycle table the docs draw, ``qflow._state.TRANSITIONS``: every change
 of a job's stored state between two steps must be a row of the script that ran (or a chain of its rows within
@@ -27,11 +27,11 @@ Trimming stays out of the machine (retention is far above anything a run creates
 from __future__ import annotations
 
 import asyncio
-import struct
 import uuid
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pytest
 import redis
@@ -47,9 +47,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from qflow._keys import SCHEMA_VERSION, QueueKeys
-from qflow._scripts import script
+from qflow._broker import scripts
+from qflow._broker.keys import SCHEMA_VERSION, QueueKeys
 from qflow._state import TRANSITIONS
+
+T = TypeVar("T")
 
 QUEUE = "lifecycle"
 LONG_MS = 60_000  # a lease that outlives any run by far
@@ -61,25 +63,11 @@ RECOVER_LIMIT = 1000
 WORKERS = (0, 1)
 LEASES = st.sampled_from([LONG_MS, LONG_MS, 0])  # mostly long: most rules need a live lease to act on
 BOGUS_TOKENS = ("0", "-1", "not-a-token")  # tokens come from INCRBY on `seq`, so they start at "1"
-# claim.lua's per-job head in its packed reply: id, token and envelope lengths, attempts spent, stalls.
-CLAIM_HEAD = struct.Struct(">IIIII")
 
 
-def unpack_claimed(packed: bytes) -> list[tuple[str, str, str, int, int]]:
-    """Split claim.lua's packed reply into (id, token, envelope, attempts, stalls), per its contract."""
-    jobs = []
-    pos = 0
-    while pos < len(packed):
-        *lengths, attempts, stalls = CLAIM_HEAD.unpack_from(packed, pos)
-        pos += CLAIM_HEAD.size
-        fields = []
-        for n in lengths:
-            fields.append(packed[pos : pos + n].decode())
-            pos += n
-        job_id, token, envelope = fields
-        jobs.append((job_id, token, envelope, attempts, stalls))
-    assert pos == len(packed), "claim's packed reply ends inside a job"
-    return jobs
+def claimed(reply: scripts.ClaimReply) -> list[tuple[str, str, str, int, int]]:
+    """(id, token, envelope, attempts, stalls) of each job a claim leased, as text."""
+    return [(j.id.decode(), j.token.decode(), j.envelope.decode(), j.attempts, j.stalls) for j in reply.jobs]
 
 
 def explained(before: str | None, after: str | None, scripts: list[str]) -> bool:
@@ -177,10 +165,15 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def call(self, name: str, keys: list[str], argv: list[Any]) -> Any:
+    def call(self, name: str, call: Awaitable[T]) -> T:
+        """Run one broker call of script ``name`` (recorded for the lifecycle check)."""
         if not self.ran or self.ran[-1] != name:  # calls in a row of one script chain the same rows
             self.ran.append(name)
-        return self.runner.run(script(name)(self.client, keys, argv))
+
+        async def run() -> T:
+            return await call
+
+        return self.runner.run(run())
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -298,7 +291,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.add_jobs(data, data.draw(st.integers(1, 3), label="n"), modes)
 
     def add_jobs(self, data: st.DataObject, n: int, modes: list[str]) -> None:
-        argv: list[Any] = [SCHEMA_VERSION]
+        jobs = []
         expected = []
         for _ in range(n):
             mode = data.draw(
@@ -313,18 +306,17 @@ class LifecycleMachine(RuleBasedStateMachine):
             envelope = f"env-{job_id}-{self.next_serial()}" + "." * pad
             delay = LATER_MS if mode == "delay" else 0
             run_at = {"run_at_past": self.past_ms, "run_at_future": self.future_ms}.get(mode, 0)
-            argv += [job_id, envelope, delay, run_at]
+            jobs.append(scripts.NewJob(job_id, envelope, delay, run_at))
             if job_id in self.envelopes:
-                expected.append(0)  # idempotent job_id: the first job keeps the id, unchanged
+                expected.append(False)  # idempotent job_id: the first job keeps the id, unchanged
                 continue
-            expected.append(1)
+            expected.append(True)
             self.envelopes[job_id] = envelope
             if mode in ("delay", "run_at_future"):
                 self.delayed[job_id] = 0
             else:
                 self.wait.insert(0, job_id)
-        k = self.k
-        assert self.call("add", [k.jobs, k.state, k.wait, k.delayed, k.meta], argv) == expected
+        assert self.call("add", scripts.add(self.client, self.k, jobs)) == expected
 
     # -- worker side -----------------------------------------------------------------------------------
 
@@ -345,29 +337,34 @@ class LifecycleMachine(RuleBasedStateMachine):
         sizes = sorted({len(self.envelopes[i]) for i in taken})
         limits = [n - 1 for n in sizes] + sizes[-1:]
         largest = data.draw(st.sampled_from([None, None, *limits]), label="largest envelope")
-        k = self.k
-        keys = [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq]
-        argv: list[Any] = [count, lease, PROMOTE_LIMIT]
         over: list[str] = []
+        error = ""
         if largest is not None:
             error = f"err-too-large-{self.next_serial()}"
-            keys += [k.failed, k.errors, k.stats]
-            argv += [largest, error]
             over = [i for i in taken if len(self.envelopes[i]) > largest]
             for job_id in over:
                 self.errors[job_id] = error  # no lease, no token, no attempt spent
                 self.stats["failed"] += 1
-        res = self.call("claim", keys, argv)
+        res = self.call(
+            "claim",
+            scripts.claim(
+                self.client,
+                self.k,
+                count=count,
+                lease_ms=lease,
+                promote_limit=PROMOTE_LIMIT,
+                max_envelope=largest,
+                too_large=error.encode(),
+            ),
+        )
         self.pin_failed(over)
         leased = [i for i in taken if i not in over]
-        next_due, left = int(res[0]), int(res[1])
-        assert left == len(self.wait)
+        assert res.waiting == len(self.wait)
         if self.delayed:
-            assert 0 < next_due <= LATER_MS
+            assert 0 < res.next_due_ms <= LATER_MS
         else:
-            assert next_due == -1
-        assert len(res) == 3
-        groups = unpack_claimed(res[2])
+            assert res.next_due_ms == -1
+        groups = claimed(res)
         assert [g[0] for g in groups] == leased
         seen = {t for ts in self.issued.values() for t in ts}
         tokens = [g[1] for g in groups]
@@ -395,10 +392,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 renewed.append(job_id)
             elif not self.current(job_id, token):
                 lost.append(job_id.encode())
-        argv: list[Any] = [lease]
-        for pair in pairs:
-            argv += pair
-        assert self.call("renew", [self.k.active, self.k.tokens], argv) == lost
+        assert self.call("renew", scripts.renew(self.client, self.k, pairs, lease_ms=lease)) == lost
         self.expire(renewed)
 
     @precondition(lambda self: self.live())
@@ -406,35 +400,40 @@ class LifecycleMachine(RuleBasedStateMachine):
     def complete(self, data: st.DataObject) -> None:
         """Complete a batch of held deliveries; only current ones are recorded, the rest count as stale."""
         pairs = self.draw_deliveries(data, 3)
-        k = self.k
-        argv: list[Any] = [KEEP, -1, NOTIFY_TTL_MS]
+        jobs = []
         expected = []
         for job_id, token in pairs:
             result = f"res-{job_id}-{self.next_serial()}"
-            argv += [job_id, token, result]
+            jobs.append((job_id, token, result))
             if self.current(job_id, token):
                 del self.active[job_id]
                 self.completed.add(job_id)
                 self.results[job_id] = result
                 self.stats["completed"] += 1
-                expected.append("1")
+                expected.append(True)
             else:
                 self.stats["stale_acks"] += 1
-                expected.append("0")
-        keys = [
-            k.active, k.tokens, k.state, k.results, k.completed, k.jobs,
-            k.attempts, k.stalls, k.errors, k.waiters, k.stats,
-        ]  # fmt: skip
-        keys += [k.notify(job_id) for job_id, _ in pairs]
-        assert self.call("complete", keys, argv) == "".join(expected).encode()
+                expected.append(False)
+        assert self.call("complete", self.complete_call(jobs)) == expected
         self.drop_held(pairs)
 
-    def fail_keys(self, job_id: str) -> list[str]:
-        k = self.k
-        return [
-            k.active, k.tokens, k.state, k.errors, k.failed, k.jobs,
-            k.attempts, k.stalls, k.results, k.waiters, k.stats, k.notify(job_id),
-        ]  # fmt: skip
+    def complete_call(self, jobs: list[tuple[str, str, str]]) -> Awaitable[list[bool]]:
+        return scripts.complete(
+            self.client, self.k, jobs, keep_count=KEEP, keep_age_ms=-1, notify_ttl_ms=NOTIFY_TTL_MS
+        )
+
+    def fail_call(self, job_id: str, token: str, error: str, spent: bool) -> Awaitable[bool]:
+        return scripts.fail(
+            self.client,
+            self.k,
+            job_id,
+            token,
+            error,
+            spent=spent,
+            keep_count=KEEP,
+            keep_age_ms=-1,
+            notify_ttl_ms=NOTIFY_TTL_MS,
+        )
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), spent=st.booleans())
@@ -446,14 +445,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.errors[job_id] = error
         self.attempts[job_id] += int(spent)
         self.stats["failed"] += 1
-        argv = [job_id, token, error, int(spent), KEEP, -1, NOTIFY_TTL_MS]
-        assert self.call("fail", self.fail_keys(job_id), argv) == 1
+        assert self.call("fail", self.fail_call(job_id, token, error, spent)) is True
         self.pin_failed([job_id])
         self.drop_held([(job_id, token)])
-
-    def retry_keys(self) -> list[str]:
-        k = self.k
-        return [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), delay=st.sampled_from([0, LATER_MS]))
@@ -469,12 +463,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.delayed[job_id] = 0
         else:
             self.wait.insert(0, job_id)
-        assert self.call("retry", self.retry_keys(), [job_id, token, delay, error]) == 1
+        retried = scripts.retry(self.client, self.k, job_id, token, delay_ms=delay, error=error)
+        assert self.call("retry", retried) is True
         self.drop_held([(job_id, token)])
-
-    def release_keys(self) -> list[str]:
-        k = self.k
-        return [k.active, k.tokens, k.state, k.wait, k.stats]
 
     @precondition(lambda self: self.live())
     @rule(data=st.data())
@@ -482,18 +473,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         """Release held deliveries to the front of wait without spending an attempt."""
         pairs = self.draw_deliveries(data, 3)
         expected = []
-        argv: list[Any] = []
         for job_id, token in pairs:
-            argv += [job_id, token]
             if self.current(job_id, token):
                 del self.active[job_id]
                 self.wait.append(job_id)  # RPUSH: the next RPOP takes it
                 self.stats["released"] += 1
-                expected.append(1)
+                expected.append(True)
             else:
                 self.stats["stale_acks"] += 1
-                expected.append(0)
-        assert self.call("release", self.release_keys(), argv) == expected
+                expected.append(False)
+        assert self.call("release", scripts.release(self.client, self.k, pairs)) == expected
         self.drop_held(pairs)
 
     @rule(data=st.data(), op=st.sampled_from(["complete", "fail", "retry", "release", "renew"]))
@@ -508,28 +497,22 @@ class LifecycleMachine(RuleBasedStateMachine):
         pairs = data.draw(st.lists(pair, min_size=n, max_size=n), label="stale deliveries")
         assert not any(self.current(i, t) for i, t in pairs)
         before = self.without_time(self.snapshot())
-        flat = [x for p in pairs for x in p]
         if op == "complete":
-            argv: list[Any] = [KEEP, -1, NOTIFY_TTL_MS]
-            for i, t in pairs:
-                argv += [i, t, "late-result"]
-            k = self.k
-            keys = [
-                k.active, k.tokens, k.state, k.results, k.completed, k.jobs,
-                k.attempts, k.stalls, k.errors, k.waiters, k.stats,
-            ]  # fmt: skip
-            assert self.call("complete", keys + [k.notify(i) for i, _ in pairs], argv) == b"0" * n
+            late = [(i, t, "late-result") for i, t in pairs]
+            assert self.call("complete", self.complete_call(late)) == [False] * n
         elif op == "fail":
-            argv = [*flat, "late-error", 1, KEEP, -1, NOTIFY_TTL_MS]
-            assert self.call("fail", self.fail_keys(pairs[0][0]), argv) == 0
+            [(i, t)] = pairs
+            assert self.call("fail", self.fail_call(i, t, "late-error", True)) is False
         elif op == "retry":
-            assert self.call("retry", self.retry_keys(), [*flat, 0, "late-error"]) == 0
+            [(i, t)] = pairs
+            retried = scripts.retry(self.client, self.k, i, t, delay_ms=0, error="late-error")
+            assert self.call("retry", retried) is False
         elif op == "release":
-            assert self.call("release", self.release_keys(), flat) == [0] * n
+            assert self.call("release", scripts.release(self.client, self.k, pairs)) == [False] * n
         else:
             # renew is not an ack: it reports the lost ids (the worker cancels those handlers) and, per
             # renew.lua's contract, does not count them as stale acks.
-            lost = self.call("renew", [self.k.active, self.k.tokens], [LONG_MS, *flat])
+            lost = self.call("renew", scripts.renew(self.client, self.k, pairs, lease_ms=LONG_MS))
             assert lost == [i.encode() for i, _ in pairs]
         if op != "renew":
             self.stats["stale_acks"] += n
@@ -546,14 +529,19 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # -- the stalled-job checker -----------------------------------------------------------------------
 
-    def recover_call(self) -> Any:
-        k = self.k
-        keys = [
-            k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls,
-            k.checker, k.stats, k.jobs, k.results, k.attempts, k.waiters,
-        ]  # fmt: skip
-        argv = ["test-checker", LONG_MS, self.max_stalls, "stalled", KEEP, -1, RECOVER_LIMIT]
-        return self.call("recover", keys, argv)
+    def recover_call(self) -> scripts.Recovered | None:
+        recovering = scripts.recover(
+            self.client,
+            self.k,
+            checker="test-checker",
+            lock_ms=LONG_MS,
+            max_stalls=self.max_stalls,
+            stalled_error="stalled",
+            keep_count=KEEP,
+            keep_age_ms=-1,
+            limit=RECOVER_LIMIT,
+        )
+        return self.call("recover", recovering)
 
     @initialize(max_stalls=st.integers(0, 2))
     def choose_max_stalls(self, max_stalls: int) -> None:
@@ -566,7 +554,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.sync.delete(self.k.checker)  # the previous check's interval is over
         expected = {i for i, lease in self.active.items() if lease.expired}
         res = self.recover_call()
-        ids = [i.decode() for i in res[2:]]
+        assert res is not None, "the checker lock was left taken"
+        ids = [i.decode() for i in res.ids]
         assert len(ids) == len(set(ids))
         assert set(ids) == expected
         recovered, failed = 0, []
@@ -579,7 +568,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             else:
                 self.wait.append(job_id)
                 recovered += 1
-        assert [int(res[0]), int(res[1])] == [recovered, len(failed)]
+        assert (res.requeued, res.failed) == (recovered, len(failed))
         self.pin_failed(failed)
         self.stats["stalled"] += recovered + len(failed)
         self.stats["failed"] += len(failed)
@@ -588,14 +577,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         # A second checker within the same interval finds the lock taken and does nothing.
         self.check_matches_model()
         before = self.without_time(self.snapshot())
-        assert self.recover_call() == [-1]
+        assert self.recover_call() is None
         assert self.without_time(self.snapshot()) == before
 
     # -- the operator ----------------------------------------------------------------------------------
-
-    def retry_failed_keys(self) -> list[str]:
-        k = self.k
-        return [k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats]
 
     def requeue(self, job_id: str) -> None:
         """retry_failed.lua on one failed job: to the back of wait, its counters and last error cleared."""
@@ -629,7 +614,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             else:
                 self.requeue(job_id)
                 expected.append(1)
-        assert self.call("retry_failed", self.retry_failed_keys(), ["ids", *ids]) == expected
+        assert self.call("retry_failed", scripts.retry_failed(self.client, self.k, ids)) == expected
 
     @precondition(lambda self: self.failed)
     @rule(n=st.integers(1, 3))
@@ -638,8 +623,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         oldest = sorted(self.failed, key=self.failed.__getitem__)[:n]
         for job_id in oldest:
             self.requeue(job_id)
-        reply = self.call("retry_failed", self.retry_failed_keys(), ["oldest", n])
-        assert reply == [len(oldest), len(self.failed)]
+        reply = self.call("retry_failed", scripts.retry_oldest_failed(self.client, self.k, n))
+        assert reply == (len(oldest), len(self.failed))
 
     # -- time passing, and the server forgetting scripts ------------------------------------------------
 
@@ -751,32 +736,27 @@ async def test_complete_trims_oldest_completed_jobs_and_their_fields(redis_url: 
     k = QueueKeys(prefix, QUEUE)
     client = aioredis.Redis.from_url(redis_url, socket_timeout=10)
     try:
-        argv: list[Any] = [SCHEMA_VERSION]
-        for n in range(5):
-            argv += [f"j{n}", f"env-j{n}", 0, 0]
-        assert await script("add")(client, [k.jobs, k.state, k.wait, k.delayed, k.meta], argv) == [1] * 5
-        claim_keys = [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq]
-        res = await script("claim")(client, claim_keys, [5, LONG_MS, PROMOTE_LIMIT])
-        tokens = {job_id: token for job_id, token, *_ in unpack_claimed(res[2])}
+        jobs = [scripts.NewJob(f"j{n}", f"env-j{n}") for n in range(5)]
+        assert await scripts.add(client, k, jobs) == [True] * 5
+        res = await scripts.claim(client, k, count=5, lease_ms=LONG_MS, promote_limit=PROMOTE_LIMIT)
+        tokens = {job.id.decode(): job.token for job in res.jobs}
         # Give j0 an attempt and an error, so trimming has those fields to remove too.
-        retry_keys = [k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats]
-        assert await script("retry")(client, retry_keys, ["j0", tokens["j0"], 0, "boom"]) == 1
-        res = await script("claim")(client, claim_keys, [1, LONG_MS, PROMOTE_LIMIT])
-        [(_, tokens["j0"], *_)] = unpack_claimed(res[2])
-        complete_keys = [
-            k.active, k.tokens, k.state, k.results, k.completed, k.jobs,
-            k.attempts, k.stalls, k.errors, k.waiters, k.stats,
-        ]  # fmt: skip
+        assert await scripts.retry(client, k, "j0", tokens["j0"], delay_ms=0, error="boom") is True
+        res = await scripts.claim(client, k, count=1, lease_ms=LONG_MS, promote_limit=PROMOTE_LIMIT)
+        [again] = res.jobs
+        tokens["j0"] = again.token
         for n in range(5):  # equal scores (same ms) sort by id, which is also the completion order here
             job_id = f"j{n}"
-            argv = [3, -1, NOTIFY_TTL_MS, job_id, tokens[job_id], f"res-{job_id}"]
-            assert await script("complete")(client, [*complete_keys, k.notify(job_id)], argv) == b"1"
+            done = [(job_id, tokens[job_id], f"res-{job_id}")]
+            flags = await scripts.complete(
+                client, k, done, keep_count=3, keep_age_ms=-1, notify_ttl_ms=NOTIFY_TTL_MS
+            )
+            assert flags == [True]
         assert await client.zrange(k.completed, 0, -1) == [b"j2", b"j3", b"j4"]
         for h in (k.jobs, k.state, k.results, k.errors, k.attempts, k.stalls, k.waiters):
             assert await client.hmget(h, ["j0", "j1"]) == [None, None], h
         assert await client.hget(k.stats, "completed") == b"5"
         # A trimmed id is free again.
-        add_keys = [k.jobs, k.state, k.wait, k.delayed, k.meta]
-        assert await script("add")(client, add_keys, [SCHEMA_VERSION, "j0", "env-again", 0, 0]) == [1]
+        assert await scripts.add(client, k, [scripts.NewJob("j0", "env-again")]) == [True]
     finally:
         await client.aclose()

@@ -7,72 +7,52 @@ a per-job loop handled one by one, and batches longer than one chunk.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from qflow._keys import SCHEMA_VERSION, QueueKeys
-from qflow._scripts import script
+from qflow._broker import scripts
+from qflow._broker.keys import QueueKeys
 
 LONG_MS = 60_000
 LATER_MS = 600_000
 NOTIFY_TTL_MS = 60_000
-HEAD = struct.Struct(">IIIII")  # claim.lua's per-job head: id, token, envelope lengths, attempts, stalls
-
-
-def unpack_claimed(packed: bytes) -> list[tuple[str, str, str, int, int]]:
-    """(id, token, envelope, attempts, stalls) per job of claim.lua's packed reply."""
-    jobs = []
-    pos = 0
-    while pos < len(packed):
-        *lengths, attempts, stalls = HEAD.unpack_from(packed, pos)
-        pos += HEAD.size
-        fields = []
-        for n in lengths:
-            fields.append(packed[pos : pos + n].decode())
-            pos += n
-        job_id, token, envelope = fields
-        jobs.append((job_id, token, envelope, attempts, stalls))
-    assert pos == len(packed)
-    return jobs
 
 
 class Scripts:
-    """The three hot scripts on one queue's real key names."""
+    """The three hot scripts on one queue's real key names, through the broker's typed functions."""
 
     def __init__(self, client: aioredis.Redis, k: QueueKeys) -> None:
         self.client = client
         self.k = k
 
-    async def add(self, *jobs: tuple[str, str, int, int]) -> Any:
-        k = self.k
-        argv: list[Any] = [SCHEMA_VERSION]
-        for job in jobs:
-            argv += job
-        return await script("add")(self.client, [k.jobs, k.state, k.wait, k.delayed, k.meta], argv)
+    async def add(self, *jobs: tuple[str, str, int, int]) -> list[bool]:
+        return await scripts.add(self.client, self.k, [scripts.NewJob(*job) for job in jobs])
 
-    async def claim(self, count: int, lease_ms: int = LONG_MS, largest: int | None = None) -> Any:
-        k = self.k
-        keys = [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq]
-        argv: list[Any] = [count, lease_ms, 1000]
-        if largest is not None:
-            keys += [k.failed, k.errors, k.stats]
-            argv += [largest, "too-large"]
-        res = await script("claim")(self.client, keys, argv)
-        return res[0], res[1], unpack_claimed(res[2])
+    async def claim(
+        self, count: int, lease_ms: int = LONG_MS, largest: int | None = None
+    ) -> tuple[int, int, list[tuple[str, str, str, int, int]]]:
+        """(ms until the next due job, jobs left waiting, (id, token, envelope, attempts, stalls) per job)."""
+        res = await scripts.claim(
+            self.client, self.k, count=count, lease_ms=lease_ms, max_envelope=largest, too_large=b"too-large"
+        )
+        jobs = [
+            (j.id.decode(), j.token.decode(), j.envelope.decode(), j.attempts, j.stalls) for j in res.jobs
+        ]
+        return res.next_due_ms, res.waiting, jobs
 
-    async def complete(self, pairs: list[tuple[str, str]], keep: int = 100_000) -> bytes:
-        k = self.k
-        keys = [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors]
-        keys += [k.waiters, k.stats, *(k.notify(job_id) for job_id, _ in pairs)]
-        argv: list[Any] = [keep, -1, NOTIFY_TTL_MS]
-        for job_id, token in pairs:
-            argv += [job_id, token, f"res-{job_id}-{token}"]
-        result: bytes = await script("complete")(self.client, keys, argv)
-        return result
+    async def complete(self, pairs: list[tuple[str, str]], keep: int = 100_000) -> str:
+        """One character per ack, as complete.lua answers: "1" recorded, "0" stale."""
+        flags = await scripts.complete(
+            self.client,
+            self.k,
+            [(job_id, token, f"res-{job_id}-{token}") for job_id, token in pairs],
+            keep_count=keep,
+            keep_age_ms=-1,
+            notify_ttl_ms=NOTIFY_TTL_MS,
+        )
+        return "".join("1" if ok else "0" for ok in flags)
 
 
 @pytest.fixture
@@ -106,7 +86,7 @@ async def test_add_batch_mixes_waiting_delayed_existing_and_repeated_ids(
     s: Scripts, client: aioredis.Redis, k: QueueKeys
 ) -> None:
     """One add of immediate, delayed, past and future run_at, existing and repeated ids: each as if alone."""
-    assert await s.add(("old", "env-old", 0, 0)) == [1]
+    assert await s.add(("old", "env-old", 0, 0)) == [True]
     now = await server_ms(client)
     reply = await s.add(
         ("a", "env-a", 0, 0),
@@ -117,7 +97,7 @@ async def test_add_batch_mixes_waiting_delayed_existing_and_repeated_ids(
         ("c", "env-c", 0, 0),
         ("a", "env-a2", LATER_MS, 0),  # repeated in the batch: the first one won
     )
-    assert reply == [1, 1, 1, 1, 0, 1, 0]
+    assert reply == [True, True, True, True, False, True, False]
     # LPUSH order: the first added is the first claimed (wait is consumed from the right).
     assert await client.lrange(k.wait, 0, -1) == ["c", "b", "a", "old"]
     assert await client.zrange(k.delayed, 0, -1) == ["at", "later"]
@@ -140,7 +120,7 @@ async def test_add_longer_than_one_chunk_keeps_arrival_order(
 ) -> None:
     """An add of 1,200 jobs (more arguments than one variadic call takes) queues them all, in order."""
     ids = [f"j{n:04d}" for n in range(1200)]
-    assert await s.add(*((i, f"env-{i}", 0, 0) for i in ids)) == [1] * 1200
+    assert await s.add(*((i, f"env-{i}", 0, 0) for i in ids)) == [True] * 1200
     assert await client.lrange(k.wait, 0, -1) == ids[::-1]
     assert await client.hlen(k.state) == 1200
     assert await client.hget(k.state, ids[-1]) == "waiting"
@@ -206,7 +186,7 @@ async def test_claim_longer_than_one_chunk(s: Scripts, client: aioredis.Redis, k
     assert await client.hgetall(k.tokens) == {j[0]: j[1] for j in jobs}
     assert set((await client.hgetall(k.state)).values()) == {"active"}
     flags = await s.complete([(j[0], j[1]) for j in jobs])
-    assert flags == b"1" * 1500
+    assert flags == "1" * 1500
     assert await client.zcard(k.completed) == 1500
     assert await client.exists(k.active, k.tokens) == 0
 
@@ -231,7 +211,7 @@ async def test_complete_batch_with_stale_expired_unknown_and_repeated_acks(
             ("d", tokens["d"]),
         ]
     )
-    assert flags == b"1000011"
+    assert flags == "1000011"
     assert sorted(await client.zrange(k.completed, 0, -1)) == ["a", "b", "d"]
     assert await client.hgetall(k.results) == {
         "a": f"res-a-{tokens['a']}",
@@ -262,9 +242,9 @@ async def test_complete_with_no_waiters_and_a_whole_batch_stale(
     """A batch of only stale acks changes nothing but the stale count."""
     await s.add(("a", "env-a", 0, 0), ("b", "env-b", 0, 0))
     _, _, held = await s.claim(2)
-    assert await s.complete([(job_id, "0") for job_id, *_ in held]) == b"00"
+    assert await s.complete([(job_id, "0") for job_id, *_ in held]) == "00"
     assert await client.hgetall(k.stats) == {"stale_acks": "2"}
     assert await client.zcard(k.active) == 2
     assert await client.exists(k.completed, k.results) == 0
-    assert await s.complete([(job_id, token) for job_id, token, *_ in held], keep=1) == b"11"
+    assert await s.complete([(job_id, token) for job_id, token, *_ in held], keep=1) == "11"
     assert await client.zcard(k.completed) == 1  # trimmed to the keep count, as before

@@ -11,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import qflow
-from qflow._deliveries import unpack_claimed
-from qflow._scripts import script
+from qflow._broker import scripts
 from qflow.testing import FAST, drain
 
 
@@ -44,13 +43,8 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> N
 
 async def claim_as_dead_worker(q: qflow.Queue, lease_ms: int) -> list[bytes]:
     """Claim jobs like a worker that then dies: the ids sit in ``active`` under a lease nobody renews."""
-    k = q.keys
-    res = await script("claim")(
-        q.app.redis(),
-        [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
-        [10, lease_ms, 100],
-    )
-    return [raw_id for raw_id, *_ in unpack_claimed(res[2])]
+    res = await scripts.claim(q.app.redis(), q.keys, count=10, lease_ms=lease_ms, promote_limit=100)
+    return [job.id for job in res.jobs]
 
 
 async def test_failed_attempts_are_retried_until_success(app: qflow.App) -> None:
@@ -309,20 +303,17 @@ async def test_ack_from_an_expired_lease_is_rejected_and_counted(app: qflow.App)
     """A completion carrying an expired lease's token changes nothing and is counted as a stale ack."""
     q = app.queue("stale")
     job = await q.add("x", 1)
-    k = q.keys
-    claim = await script("claim")(
+    claim = await scripts.claim(app.redis(), q.keys, count=1, lease_ms=0, promote_limit=100)
+    [claimed] = claim.jobs
+    flags = await scripts.complete(
         app.redis(),
-        [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq],
-        [1, 0, 100],
+        q.keys,
+        [(job.id, claimed.token, b"\xc0")],
+        keep_count=100,
+        keep_age_ms=-1,
+        notify_ttl_ms=60000,
     )
-    ((_, token, *_),) = unpack_claimed(claim[2])
-    flags = await script("complete")(
-        app.redis(),
-        [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
-         k.waiters, k.stats, k.notify(job.id)],
-        [100, -1, 60000, job.id, token, b"\xc0"],
-    )  # fmt: skip
-    assert flags == b"0"
+    assert flags == [False]
     assert await job.status() == qflow.State.ACTIVE
     assert (await q.stats())["stale_acks"] == 1
 

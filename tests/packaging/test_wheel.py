@@ -63,12 +63,13 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_wheel_holds_every_module_lua_script_and_py_typed(dists: tuple[Path, Path]) -> None:
-    """The wheel's ``qflow/`` is the source tree's: modules, ``lua/*.lua``, ``py.typed``, and nothing else."""
+    """The wheel's ``qflow/`` is the source tree's: modules, Lua scripts, ``py.typed``, and nothing else."""
     wheel, _ = dists
     files = wheel_files(wheel)
     expected = source_files(REPO_ROOT)
     assert "qflow/py.typed" in files
-    lua = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "qflow" / "lua").glob("*.lua")}
+    lua_dir = REPO_ROOT / "qflow" / "_broker" / "lua"
+    lua = {p.relative_to(REPO_ROOT).as_posix() for p in lua_dir.glob("*.lua")}
     assert lua, "no Lua scripts found in the source tree"
     assert lua <= files, sorted(lua - files)
     assert files == expected, f"missing: {sorted(expected - files)}; unexpected: {sorted(files - expected)}"

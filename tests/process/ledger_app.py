@@ -205,10 +205,10 @@ def install_crash_point(point: str, ledger: LedgerWriter) -> None:
     No change to the engine: ``after_claim`` wraps ``Worker._start`` (called for each job of a claim reply,
     in one synchronous loop) and kills from a callback queued before the first handler task can run, so
     every job of the batch is claimed and none has started; ``before_ack`` and ``after_ack`` wrap the
-    ``complete`` script the worker takes from ``qflow._worker.script``.
+    broker's ``complete`` (``qflow._broker.scripts.complete``), which the worker calls for every ack batch.
     """
     from qflow import _worker
-    from qflow._scripts import script as real_script
+    from qflow._broker import scripts
 
     if point not in CRASH_POINTS:
         raise ValueError(f"unknown crash point {point!r}: one of {CRASH_POINTS}")
@@ -230,24 +230,17 @@ def install_crash_point(point: str, ledger: LedgerWriter) -> None:
         _worker.Worker._start = start  # type: ignore[method-assign]  # a test-only hook
         return
 
-    class Crashing:
-        """The ``complete`` script, with a SIGKILL just before it is sent or just after its reply."""
+    real_complete = scripts.complete
 
-        def __init__(self) -> None:
-            self.inner = real_script("complete")
-            self.sha = self.inner.sha
-
-        async def __call__(self, client: Any, keys: Any, args: Any) -> Any:
-            if point == "before_ack":
-                die(None)
-            res = await self.inner(client, keys, args)
+    async def crashing_complete(*args: Any, **kwargs: Any) -> Any:
+        """``complete``, with a SIGKILL just before it is sent or just after its reply."""
+        if point == "before_ack":
             die(None)
-            return res
+        res = await real_complete(*args, **kwargs)
+        die(None)
+        return res
 
-    def script(name: str) -> Any:
-        return Crashing() if name == "complete" else real_script(name)
-
-    _worker.script = script  # type: ignore[attr-defined,assignment]  # a test-only hook
+    scripts.complete = crashing_complete  # type: ignore[assignment]  # a test-only hook
 
 
 def app_from_env(ledger: LedgerWriter | None) -> qflow.App:

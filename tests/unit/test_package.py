@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import qflow
-from qflow._keys import QueueKeys, check_queue_name
-from qflow._scripts import SCRIPT_NAMES, load_source
+from qflow._broker.keys import QueueKeys, check_queue_name
+from qflow._broker.scripts import SCRIPT_NAMES, load_source
 
 PKG = Path(qflow.__file__).parent
 
@@ -43,7 +43,7 @@ def test_queue_names_that_break_the_hash_tag_are_refused(bad: str) -> None:
 @pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_each_script_states_its_contract_and_uses_keys_only(name: str) -> None:
     """Every Lua script documents KEYS/ARGV/returns and never builds a key name from a string."""
-    source = (PKG / "lua" / f"{name}.lua").read_text()
+    source = (PKG / "_broker" / "lua" / f"{name}.lua").read_text()
     head = source.split("\n\n", 1)[0]
     assert "KEYS[1]" in head
     assert "ARGV[" in head

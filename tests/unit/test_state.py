@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qflow._scripts import SCRIPT_NAMES, load_source
+from qflow._broker.scripts import SCRIPT_NAMES, load_source
 from qflow._state import DEFAULT_BACKOFF, TERMINAL, TRANSITIONS, Backoff, State, decide_after_error
 
 # Scripts an operator runs by hand (`qflow jobs retry`): the only ones that may take a job out of a terminal

@@ -1,4 +1,4 @@
--- Shared helpers, pasted at the top of every script by qflow._scripts (the `--!include _lib.lua` line).
+-- Shared helpers, pasted at the top of every script by qflow._broker.evalsha (the `--!include _lib.lua` line).
 
 -- Milliseconds on the Redis server's clock: every timestamp qflow stores comes from here, never from a client.
 local function now_ms()

@@ -7,11 +7,13 @@ qflow's guarantees hold while Redis keeps acknowledged writes (AOF on) and never
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-from redis import exceptions as rexc
+from ..exceptions import ConfigurationError
+from .errors import translated
 
-from .exceptions import BrokerUnavailable, ConfigurationError
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 __all__ = ("check_server",)
 
@@ -22,10 +24,8 @@ MIN_VERSION = (6, 2)  # RPOP with a count and BLMOVE, both used on the hot path
 
 async def check_server(client: aioredis.Redis) -> list[str]:
     """Raise if the server is too old; log and return a warning for each setting that weakens a guarantee."""
-    try:
+    with translated("INFO"):
         info = await client.info()
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise BrokerUnavailable(f"Redis did not answer INFO: {exc}") from exc
     version = str(info.get("redis_version", "0.0"))
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < MIN_VERSION:

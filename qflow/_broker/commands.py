@@ -1,0 +1,48 @@
+"""Plain Redis commands qflow sends outside its scripts: the server clock, blocking waits, ending a wait."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import translated
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ("blmove", "command", "server_ms", "unblock", "wait_for_push")
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    """Send one raw command (redis-py's ``execute_command`` is untyped; this is the one typed doorway).
+
+    Errors come out as redis-py raises them: callers wrap it in ``translated``.
+    """
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def blmove(key: str | bytes, timeout: float) -> tuple[Any, ...]:
+    """``BLMOVE key key RIGHT RIGHT timeout``: wait until the list has an element (rotating it takes none)."""
+    return ("BLMOVE", key, key, "RIGHT", "RIGHT", f"{timeout:.3f}")
+
+
+async def wait_for_push(client: aioredis.Redis, key: str | bytes, timeout: float) -> None:
+    """Block on the server until ``key`` (a list) holds an element, or ``timeout`` seconds pass.
+
+    ``timeout`` must be shorter than the socket timeout, which would otherwise end the wait as a failure.
+    Raises ``BrokerUnavailable``, or ``BrokerFull`` at maxmemory (BLMOVE is a deny-oom write).
+    """
+    with translated("a blocking wait"):
+        await command(client, *blmove(key, timeout))
+
+
+async def unblock(client: aioredis.Redis, client_id: int) -> None:
+    """``CLIENT UNBLOCK``: end the blocking wait of connection ``client_id`` now, as if it timed out."""
+    with translated("CLIENT UNBLOCK"):
+        await command(client, "CLIENT", "UNBLOCK", client_id)
+
+
+async def server_ms(client: aioredis.Redis) -> int:
+    """Milliseconds on the Redis server's clock (``TIME``)."""
+    with translated("TIME"):
+        secs, micros = await command(client, "TIME")
+    return int(secs) * 1000 + int(micros) // 1000

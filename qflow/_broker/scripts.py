@@ -1,0 +1,498 @@
+"""One typed function per Lua script in ``lua/``: the only place that knows a script's KEYS and ARGV order
+and the shape of its reply.
+
+Each script file starts with its KEYS / ARGV / returns contract; ``KEYS`` below gives the keys of each script
+in that order (tests/unit/test_broker.py holds the two together). Loading and calling a script by its SHA,
+with the one NOSCRIPT fallback, is ``evalsha.Script``'s job.
+
+The hot path (claim, complete) does no work per job beyond reading the arguments and the reply; ids, tokens
+and envelopes travel as the exact bytes Redis returned.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
+
+from ..exceptions import BrokerUnavailable, QflowError
+from . import evalsha
+from .commands import blmove
+from .errors import UNAVAILABLE, ErrorReply, NoScript, OutOfMemory, translate, translated
+from .evalsha import Script, load_source
+from .keys import SCHEMA_VERSION, QueueKeys
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = (
+    "KEYS",
+    "SCRIPTS",
+    "SCRIPT_NAMES",
+    "ClaimReply",
+    "Claimed",
+    "NewJob",
+    "OldestRequeued",
+    "Parked",
+    "Recovered",
+    "Requeue",
+    "Script",
+    "Watched",
+    "add",
+    "claim",
+    "complete",
+    "fail",
+    "load_all",
+    "load_source",
+    "parse_claim",
+    "recover",
+    "release",
+    "renew",
+    "renew_all",
+    "retry",
+    "retry_failed",
+    "retry_oldest_failed",
+    "unpack_claimed",
+    "wait_then_claim",
+    "watch",
+)
+
+JobId = str | bytes
+"""A job id: the str a producer chose, or the exact bytes a claim returned (a raw write can make an id that
+is not UTF-8; it goes back to Redis unchanged)."""
+Token = str | bytes
+"""A delivery's fencing token, as the claim returned it."""
+Delivery = tuple[JobId, Token]
+"""(job id, token) of one delivery."""
+
+# -- the KEYS of each script, in the order of its header -----------------------------------------------------
+# complete and fail also take the notify list of each job after these (KEYS[12..]).
+
+KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
+    "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta),
+    "claim": lambda k: (
+        k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq,
+        k.failed, k.errors, k.stats,
+    ),
+    "complete": lambda k: (
+        k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
+        k.waiters, k.stats,
+    ),
+    "fail": lambda k: (
+        k.active, k.tokens, k.state, k.errors, k.failed, k.jobs, k.attempts, k.stalls, k.results,
+        k.waiters, k.stats,
+    ),
+    "retry": lambda k: (k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats),
+    "release": lambda k: (k.active, k.tokens, k.state, k.wait, k.stats),
+    "renew": lambda k: (k.active, k.tokens),
+    "recover": lambda k: (
+        k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls, k.checker, k.stats, k.jobs,
+        k.results, k.attempts, k.waiters,
+    ),
+    "watch": lambda k: (k.state, k.results, k.errors, k.waiters),
+    "retry_failed": lambda k: (k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats),
+}  # fmt: skip
+"""Script name -> the queue keys it takes as ``KEYS``, in order."""
+
+SCRIPT_NAMES = tuple(KEYS)
+
+
+SCRIPTS = {name: Script(name, keys) for name, keys in KEYS.items()}
+"""Script name -> its ``Script``."""
+
+_ADD = SCRIPTS["add"]
+_CLAIM = SCRIPTS["claim"]
+_COMPLETE = SCRIPTS["complete"]
+_FAIL = SCRIPTS["fail"]
+_RETRY = SCRIPTS["retry"]
+_RELEASE = SCRIPTS["release"]
+_RENEW = SCRIPTS["renew"]
+_RECOVER = SCRIPTS["recover"]
+_WATCH = SCRIPTS["watch"]
+_RETRY_FAILED = SCRIPTS["retry_failed"]
+
+
+async def load_all(client: aioredis.Redis) -> None:
+    """Load every script in one round trip, so the first call of each is not a NOSCRIPT miss."""
+    await evalsha.load(client, SCRIPTS.values())
+
+
+def _notify(keys: QueueKeys, job_id: JobId) -> str | bytes:
+    return keys.notify_raw(job_id) if isinstance(job_id, bytes) else keys.notify(job_id)
+
+
+# -- add -----------------------------------------------------------------------------------------------------
+
+
+class NewJob(msgspec.Struct, gc=False):
+    """One job for ``add``: its id, its encoded envelope, and when it may run.
+
+    A Struct without GC tracking: built once per enqueued job, it costs what a tuple does.
+    """
+
+    id: JobId
+    envelope: bytes | str
+    delay_ms: int = 0
+    """Run this many ms after the add (server clock); 0: no delay."""
+    run_at_ms: int = 0
+    """Run at this Unix time in ms (server clock); 0: at once."""
+
+
+async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -> list[bool]:
+    """Create ``jobs`` (``lua/add.lua``); per job, True if created, False if a job with its id exists.
+
+    Raises ``SchemaMismatch`` when the queue was written by an incompatible qflow, ``BrokerFull`` at
+    maxmemory (nothing written), ``BrokerUnavailable``.
+    """
+    argv: list[Any] = [SCHEMA_VERSION]
+    for job in jobs:
+        argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms)
+    reply = await _ADD(client, _ADD.keys(keys), argv)
+    return [created == 1 for created in reply]
+
+
+# -- claim ---------------------------------------------------------------------------------------------------
+
+
+class Claimed(msgspec.Struct, gc=False):
+    """One job a claim leased: raw id, fencing token, raw envelope, attempts spent, times recovered."""
+
+    id: bytes
+    token: bytes
+    envelope: bytes
+    attempts: int
+    stalls: int
+
+
+class ClaimReply(NamedTuple):
+    """What ``claim`` returns."""
+
+    next_due_ms: int
+    """Milliseconds until the next delayed job is due; -1 when none is delayed."""
+    waiting: int
+    """Jobs left waiting after this claim."""
+    jobs: list[Claimed]
+    """The jobs leased, in the order they were taken."""
+
+
+_CLAIM_HEAD = struct.Struct(">IIIII")
+
+
+def unpack_claimed(packed: bytes) -> list[Claimed]:
+    """Split claim.lua's packed jobs: per job a head (id, token and envelope lengths, attempts, stalls), then
+    the id, token and envelope bytes. One reply element per batch instead of five per job: the client's reply
+    parser was a third of a worker's CPU (issue #6)."""
+    unpack = _CLAIM_HEAD.unpack_from
+    size = _CLAIM_HEAD.size
+    jobs = []
+    pos = 0
+    end = len(packed)
+    while pos < end:
+        id_len, token_len, env_len, attempts, stalls = unpack(packed, pos)
+        a = pos + size
+        b = a + id_len
+        c = b + token_len
+        pos = c + env_len
+        jobs.append(Claimed(packed[a:b], packed[b:c], packed[c:pos], attempts, stalls))
+    if pos != end:
+        raise ValueError(f"claim reply ends inside a job ({end} bytes, the last job ends at {pos})")
+    return jobs
+
+
+def parse_claim(reply: Any) -> ClaimReply:
+    """The raw reply of ``lua/claim.lua``, typed."""
+    return ClaimReply(int(reply[0]), int(reply[1]), unpack_claimed(reply[2]))
+
+
+def _claim_args(
+    count: int, lease_ms: int, promote_limit: int, max_envelope: int | None, too_large: bytes
+) -> list[Any]:
+    if max_envelope is None:
+        return [count, lease_ms, promote_limit]
+    return [count, lease_ms, promote_limit, max_envelope, too_large]
+
+
+async def claim(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    *,
+    count: int,
+    lease_ms: int,
+    promote_limit: int = 1000,
+    max_envelope: int | None = None,
+    too_large: bytes = b"",
+) -> ClaimReply:
+    """Promote up to ``promote_limit`` due delayed jobs, then lease up to ``count`` waiting jobs for
+    ``lease_ms`` (``lua/claim.lua``). A job whose envelope is over ``max_envelope`` bytes fails instead, with
+    ``too_large`` (an encoded error) as its error."""
+    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large)
+    return parse_claim(await _CLAIM(client, _CLAIM.keys(keys), args))
+
+
+class Parked(NamedTuple):
+    """What became of a blocking wait with a claim behind it (``wait_then_claim``).
+
+    Errors are values: the caller logs them and carries on.
+    """
+
+    reply: ClaimReply | None
+    """The claim's reply; None when it was refused or its outcome is unknown (``claim_error``, ``failed``)."""
+    refused: Exception | None = None
+    """``CLIENT ID`` was refused (an ACL): nothing can end such a wait early, so wait, then claim instead."""
+    wait_error: Exception | None = None
+    """The wait ended at once with this error (``BrokerFull``: BLMOVE is a deny-oom write); the claim ran."""
+    claim_error: Exception | None = None
+    """The claim was refused (``BrokerFull``); nothing was claimed."""
+    failed: Exception | None = None
+    """The connection failed or answered out of turn: the connection was dropped; any job the claim took
+    comes back when its lease expires."""
+
+
+async def wait_then_claim(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    *,
+    timeout: float,
+    parked: Callable[[int], None],
+    count: int,
+    lease_ms: int,
+    promote_limit: int = 1000,
+    max_envelope: int | None = None,
+    too_large: bytes = b"",
+) -> Parked:
+    """Block until a push to ``keys.wait`` with a claim queued behind the wait, on one connection.
+
+    One write sends ``CLIENT ID``, ``BLMOVE wait wait`` (rotates, takes nothing) and the claim script; the
+    server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip instead of
+    two. ``parked(client_id)`` is called once the wait is on the server: ``commands.unblock(client_id)`` ends
+    it early (a stop). The claim takes the same arguments as ``claim``.
+    """
+    pool = client.connection_pool
+    claim_keys = _CLAIM.keys(keys)
+    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large)
+    conn = None
+    clean = False
+    out = Parked(None)
+    try:
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        sent = [("CLIENT", "ID"), blmove(keys.wait, timeout), _CLAIM.evalsha(claim_keys, args)]
+        await conn.send_packed_command(conn.pack_commands(sent))
+        try:
+            client_id = await conn.read_response()
+        except ErrorReply as exc:
+            out = out._replace(refused=exc)
+        else:
+            if not isinstance(client_id, int):
+                raise BrokerUnavailable(f"unexpected reply to CLIENT ID: {client_id!r}")
+            parked(client_id)
+        try:
+            # No explicit read timeout: redis-py answers None (and keeps the connection) when one expires,
+            # which would look like the wait's own nil. The wait is shorter than the socket timeout, so a
+            # socket timeout here means the server is gone (and disconnects).
+            await conn.read_response()
+        except ErrorReply as exc:
+            out = out._replace(wait_error=translate(exc, "a blocking wait"))
+        try:
+            reply: Any = await conn.read_response()
+        except NoScript as exc:
+            reply = exc  # nothing was claimed: settle claims now, sending the source
+        except OutOfMemory as exc:
+            out = out._replace(claim_error=translate(exc, _CLAIM.what))
+            reply = None
+        clean = True
+        if reply is not None:
+            out = out._replace(reply=parse_claim(await _CLAIM.settle(client, claim_keys, args, reply)))
+    except (*UNAVAILABLE, ErrorReply, QflowError) as exc:
+        out = Parked(None, out.refused, out.wait_error, failed=translate(exc, "a blocking wait and claim"))
+    finally:
+        if conn is not None:
+            if not clean:
+                # Replies may still be due on it: never hand a half-read connection back to the pool.
+                await conn.disconnect(nowait=True)
+            await pool.release(conn)
+    return out
+
+
+# -- acks ----------------------------------------------------------------------------------------------------
+
+
+async def complete(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    jobs: Sequence[tuple[JobId, Token, bytes | str]],
+    *,
+    keep_count: int,
+    keep_age_ms: int,
+    notify_ttl_ms: int,
+) -> list[bool]:
+    """Record (id, token, encoded result) of each job (``lua/complete.lua``); per job, True if recorded,
+    False for a stale delivery (counted in ``stats.stale_acks``).
+
+    Completed jobs beyond ``keep_count`` or older than ``keep_age_ms`` (-1: no age limit) are trimmed; a
+    result waiter's notify list lives ``notify_ttl_ms``.
+    """
+    argv: list[Any] = [keep_count, keep_age_ms, notify_ttl_ms]
+    notify = []
+    for job in jobs:
+        argv += job
+        notify.append(_notify(keys, job[0]))
+    flags: bytes = await _COMPLETE(client, (*_COMPLETE.keys(keys), *notify), argv)
+    return [flag == 49 for flag in flags]  # one byte per job: ord("1")
+
+
+async def fail(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    job_id: JobId,
+    token: Token,
+    error: bytes,
+    *,
+    spent: bool,
+    keep_count: int,
+    keep_age_ms: int,
+    notify_ttl_ms: int,
+) -> bool:
+    """Move a job to ``failed`` with ``error`` (``lua/fail.lua``), spending an attempt if ``spent``; False
+    for a stale delivery (counted). Retention and notify as in ``complete``."""
+    argv = [job_id, token, error, int(spent), keep_count, keep_age_ms, notify_ttl_ms]
+    return bool(await _FAIL(client, (*_FAIL.keys(keys), _notify(keys, job_id)), argv))
+
+
+async def retry(
+    client: aioredis.Redis, keys: QueueKeys, job_id: JobId, token: Token, *, delay_ms: int, error: bytes
+) -> bool:
+    """Spend an attempt and schedule the job again, now (``delay_ms`` 0) or later (``lua/retry.lua``);
+    ``error`` is the attempt's. False for a stale delivery (counted)."""
+    return bool(await _RETRY(client, _RETRY.keys(keys), [job_id, token, delay_ms, error]))
+
+
+async def release(client: aioredis.Redis, keys: QueueKeys, deliveries: Sequence[Delivery]) -> list[bool]:
+    """Hand jobs back to the front of ``wait`` without spending an attempt (``lua/release.lua``); per
+    delivery, False if it was stale (left alone, counted)."""
+    argv: list[Any] = []
+    for delivery in deliveries:
+        argv += delivery
+    return [flag == 1 for flag in await _RELEASE(client, _RELEASE.keys(keys), argv)]
+
+
+# -- leases --------------------------------------------------------------------------------------------------
+
+
+def _renew_args(lease_ms: int, deliveries: Sequence[Delivery]) -> list[Any]:
+    argv: list[Any] = [lease_ms]
+    for delivery in deliveries:
+        argv += delivery
+    return argv
+
+
+async def renew(
+    client: aioredis.Redis, keys: QueueKeys, deliveries: Sequence[Delivery], *, lease_ms: int
+) -> list[bytes]:
+    """Extend the leases of ``deliveries`` to ``lease_ms`` from now (``lua/renew.lua``); returns the ids whose
+    lease was lost (expired, recovered, or taken by another delivery)."""
+    return list(await _RENEW(client, _RENEW.keys(keys), _renew_args(lease_ms, deliveries)))
+
+
+async def renew_all(
+    client: aioredis.Redis, queues: Sequence[tuple[QueueKeys, Sequence[Delivery]]], *, lease_ms: int
+) -> list[list[bytes]]:
+    """``renew`` on several queues in one pipelined round trip; the lost ids of each queue, in order.
+
+    A queue whose script the server lost costs one more round trip (its source is sent).
+    """
+    calls = [(_RENEW.keys(keys), _renew_args(lease_ms, deliveries)) for keys, deliveries in queues]
+    with translated("lease renewal"):
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, argv in calls:
+                pipe.execute_command(*_RENEW.evalsha(keys, argv))
+            replies = await pipe.execute(raise_on_error=False)
+    return [
+        list(await _RENEW.settle(client, keys, argv, reply))
+        for (keys, argv), reply in zip(calls, replies, strict=True)
+    ]
+
+
+class Recovered(NamedTuple):
+    """What one ``recover`` did."""
+
+    requeued: int
+    """Jobs put back in ``wait``."""
+    failed: int
+    """Jobs failed as stalled (recovered more than ``max_stalls`` times)."""
+    ids: list[bytes]
+    """The ids of both, in the order they were handled."""
+
+
+async def recover(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    *,
+    checker: str,
+    lock_ms: int,
+    max_stalls: int,
+    stalled_error: bytes | str,
+    keep_count: int,
+    keep_age_ms: int,
+    limit: int = 1000,
+) -> Recovered | None:
+    """Give up to ``limit`` expired leases back to ``wait``, or fail them with ``stalled_error`` once they
+    stalled more than ``max_stalls`` times (``lua/recover.lua``). One checker acts per ``lock_ms`` across all
+    workers: None when another holds the interval. Failed jobs are trimmed as in ``fail``."""
+    argv = [checker, lock_ms, max_stalls, stalled_error, keep_count, keep_age_ms, limit]
+    reply = await _RECOVER(client, _RECOVER.keys(keys), argv)
+    if int(reply[0]) < 0:
+        return None
+    return Recovered(int(reply[0]), int(reply[1]), list(reply[2:]))
+
+
+# -- results and operators -----------------------------------------------------------------------------------
+
+
+class Watched(NamedTuple):
+    """A job's state and outcome, as ``watch`` read them."""
+
+    state: str | None
+    """The stored state; None when there is no such job."""
+    data: bytes | None
+    """The encoded result (completed) or error (failed); None otherwise."""
+
+
+async def watch(client: aioredis.Redis, keys: QueueKeys, job_id: str) -> Watched:
+    """Read a job's state and outcome; if it is not finished, register a waiter so the script that finishes it
+    pushes to ``keys.notify(job_id)`` (``lua/watch.lua``): no gap for a missed wake-up."""
+    state, data = await _WATCH(client, _WATCH.keys(keys), [job_id])
+    return Watched(None if state is None else state.decode("utf-8", "replace"), data)
+
+
+class Requeue(IntEnum):
+    """What ``retry_failed`` did with one id."""
+
+    REQUEUED = 1
+    NOT_FAILED = 0
+    """The job is not failed (retried already, or running): left alone."""
+    MISSING = -1
+    """No such job (never added, or trimmed by retention)."""
+
+
+async def retry_failed(client: aioredis.Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[Requeue]:
+    """Put these failed jobs back in ``wait`` with fresh attempts (``lua/retry_failed.lua``, "ids" mode)."""
+    reply = await _RETRY_FAILED(client, _RETRY_FAILED.keys(keys), ["ids", *job_ids])
+    return [Requeue(int(flag)) for flag in reply]
+
+
+class OldestRequeued(NamedTuple):
+    """What ``retry_oldest_failed`` did."""
+
+    requeued: int
+    left: int
+    """Failed jobs still in the queue's failed set."""
+
+
+async def retry_oldest_failed(client: aioredis.Redis, keys: QueueKeys, most: int) -> OldestRequeued:
+    """Put up to ``most`` failed jobs back in ``wait``, oldest failures first (``lua/retry_failed.lua``,
+    "oldest" mode). A failed-set entry without a failed job is dropped, so repeated calls end."""
+    moved, left = await _RETRY_FAILED(client, _RETRY_FAILED.keys(keys), ["oldest", most])
+    return OldestRequeued(int(moved), int(left))
