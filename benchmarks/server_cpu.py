@@ -1,10 +1,12 @@
 """Redis server CPU per job of the hot scripts (add, claim, complete) alone, for one or more ``lua/`` folders.
 
-    python benchmarks/server_cpu.py                                   # this checkout's qflow/lua
-    python benchmarks/server_cpu.py --lua /tmp/base/qflow/lua --lua qflow/lua   # compare, in one run
+    python benchmarks/server_cpu.py                                   # this checkout's qflow/_broker/lua
+    python benchmarks/server_cpu.py --lua /tmp/base/qflow/_broker/lua --lua qflow/_broker/lua   # compare
 
 benchmarks/run.py measures whole systems (a worker's own round trips included); this drives the three
-scripts directly, with no worker, so a change to a script shows up undiluted (issue #6). Per phase, per job:
+scripts directly, with no worker, so a change to a script shows up undiluted (issue #6); the scripts' KEYS
+come from the broker (``qflow._broker.scripts.KEYS``), so the folders compared must take the same KEYS.
+Per phase, per job:
 
 - ``script us``: ``INFO commandstats`` time inside EVALSHA (the script and the commands it calls; no I/O);
 - ``server us``: ``INFO cpu`` (user + sys) of the whole server, I/O included;
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,16 +29,16 @@ from typing import Any
 
 import redis
 
-from qflow._keys import SCHEMA_VERSION, QueueKeys
+from qflow._broker.keys import SCHEMA_VERSION, QueueKeys
+from qflow._broker.scripts import KEYS, unpack_claimed
 from qflow.testing import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = struct.Struct(">IIIII")  # claim.lua's per-job head: id, token, envelope lengths, attempts, stalls
 PHASES = ("add_one", "add_bulk", "claim", "complete")
 
 
 def source(lua_dir: Path, name: str) -> str:
-    """A script's text with ``--!include`` lines expanded, as ``qflow._scripts.load_source`` does."""
+    """A script's text with ``--!include`` lines expanded, as ``qflow._broker.evalsha.load_source`` does."""
     lines = []
     for line in (lua_dir / f"{name}.lua").read_text(encoding="utf-8").splitlines():
         if line.startswith("--!include "):
@@ -78,11 +79,9 @@ def run_once(
     complete = r.register_script(source(lua_dir, "complete"))
     for s in (add, claim, complete):
         r.script_load(s.script)
-    add_keys = [k.jobs, k.state, k.wait, k.delayed, k.meta]
-    claim_keys = [k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq]
-    claim_keys += [k.failed, k.errors, k.stats]
-    complete_keys = [k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls]
-    complete_keys += [k.errors, k.waiters, k.stats]
+    add_keys = KEYS["add"](k)
+    claim_keys = KEYS["claim"](k)
+    complete_keys = list(KEYS["complete"](k))
     res: dict[str, dict[str, float]] = {p: {} for p in PHASES}
     try:
         with measure(r, n, res["add_one"]):
@@ -104,19 +103,14 @@ def run_once(
                 packed = claim(keys=claim_keys, args=[batch, 30_000, 1000, 1 << 20, b"too large"])[2]
                 if not packed:
                     break
-                pos = 0
-                while pos < len(packed):
-                    id_len, token_len, env_len, _, _ = HEAD.unpack_from(packed, pos)
-                    pos += HEAD.size
-                    held.append((packed[pos : pos + id_len], packed[pos + id_len : pos + id_len + token_len]))
-                    pos += id_len + token_len + env_len
+                held += [(job.id, job.token) for job in unpack_claimed(packed)]
         with measure(r, len(held), res["complete"]):
             for start in range(0, len(held), batch):
                 part = held[start : start + batch]
                 argv = [1_000_000, -1, 60_000]
                 for job_id, token in part:
                     argv += [job_id, token, b"\x00"]
-                flags = complete(keys=complete_keys + [k.notify(i.decode()) for i, _ in part], args=argv)
+                flags = complete(keys=complete_keys + [k.notify_raw(i) for i, _ in part], args=argv)
                 assert flags == b"1" * len(part), flags
     finally:
         for key in k.all_fixed():
@@ -133,7 +127,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--envelope", type=int, default=40, help="envelope bytes per job")
     args = parser.parse_args()
-    dirs = args.lua or [ROOT / "qflow" / "lua"]
+    dirs = args.lua or [ROOT / "qflow" / "_broker" / "lua"]
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(local_server())
         r = redis.Redis.from_url(url, socket_timeout=60)
