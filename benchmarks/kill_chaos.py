@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import qflow
-from qflow._control import control_request
+from qflow._cli.control import control_request
 from qflow.testing import local_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -203,7 +203,7 @@ class Supervised:
 
     def status(self) -> dict[str, Any]:
         """The supervisor's own view, through its control socket (empty if it is not listening yet)."""
-        from qflow._control import control_request
+        from qflow._cli.control import control_request
 
         path = self.fleet.run_dir / f"qflow-{self.pid}.sock"
         try:

@@ -11,7 +11,7 @@ import pytest
 
 import qflow
 from qflow import _embedded
-from qflow._exitcodes import MEANING, ExitCode
+from qflow._cli.exitcodes import MEANING, ExitCode
 from qflow.testing import drain
 from tests.process import fleet_app
 from tests.process.fleet_app import TARGET, Fleet

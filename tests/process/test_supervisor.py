@@ -340,8 +340,8 @@ async def test_crash_loop_is_capped_and_reported(fleet: Fleet) -> None:
     crash.touch()
     fleet.env["FLEET_CRASH"] = str(crash)
     script = (
-        "import sys; from pathlib import Path; from qflow._cli import configure_logging; "
-        "from qflow._child import ChildConfig; from qflow._supervisor import Supervisor; "
+        "import sys; from pathlib import Path; from qflow._cli.logs import configure_logging; "
+        "from qflow._cli.child import ChildConfig; from qflow._cli.supervisor import Supervisor; "
         "configure_logging('INFO', 'supervisor'); "
         f"sys.exit(Supervisor(ChildConfig(target={fleet_app.TARGET!r}), 2, max_restarts=3).run())"
     )

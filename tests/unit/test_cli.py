@@ -12,12 +12,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from qflow import _supervisor
-from qflow._child import ChildConfig, loop_runner, rss_bytes
-from qflow._cli import COMMON_ENV, JOB_STATES, WORKER_ENV, configure_logging, parse_args
-from qflow._exitcodes import MEANING, ExitCode, describe_exit
+from qflow._cli import supervisor
+from qflow._cli.child import ChildConfig, loop_runner
+from qflow._cli.exitcodes import MEANING, ExitCode, describe_exit
+from qflow._cli.guards import rss_bytes
+from qflow._cli.importer import BadTarget, load_app, split_target
+from qflow._cli.logs import configure_logging
+from qflow._cli.parser import COMMON_ENV, JOB_STATES, WORKER_ENV, parse_args
 from qflow._fleet import JOB_LIST_STATES
-from qflow._importer import BadTarget, load_app, split_target
 from qflow.exceptions import ConfigurationError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -285,8 +287,8 @@ def test_child_config_travels_as_json() -> None:
 
 def test_backoff_grows_then_caps() -> None:
     """Replacing children that die young waits 0, 0, 0.5, 1, 2 ... seconds, capped at 10."""
-    assert [_supervisor._backoff(n) for n in range(1, 9)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert _supervisor._backoff(0) == 0.0
+    assert [supervisor._backoff(n) for n in range(1, 9)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert supervisor._backoff(0) == 0.0
 
 
 def test_rss_is_measured() -> None:

@@ -1,8 +1,9 @@
 """The parent of ``qflow worker -p N``: spawn, watch, reap, replace, scale, recycle and stop worker processes.
 
 The supervisor never imports the app, opens Redis or runs an event loop. Each child is a fresh interpreter
-(``python -m qflow._child``) that imports ``module:app`` itself; the parent only reads one-byte beats from
-a pipe per child (``b`` booted, ``r`` ready, ``.`` alive, ``x`` recycling) and their exit statuses.
+(``python -m qflow._cli.child``, started by ``children.spawn``) that imports ``module:app`` itself; the
+parent only reads one-byte beats from a pipe per child (``b`` booted, ``r`` ready, ``.`` alive, ``x``
+recycling) and their exit statuses.
 
 Signal handlers only enqueue the signal; the main loop (``select`` on the beat pipes, the signal wakeup fd and
 the control socket) does the work:
@@ -30,20 +31,17 @@ import logging
 import os
 import selectors
 import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import msgspec
 
-from ._child import ChildConfig
-from ._control import listen, serve_one
-from ._exitcodes import BOOT_FAILURES, ExitCode, describe_exit
+from .child import ChildConfig
+from .children import Child, spawn
+from .control import ControlSocket
+from .exitcodes import BOOT_FAILURES, ExitCode, describe_exit
 
 __all__ = ("Supervisor",)
 
@@ -70,29 +68,6 @@ def _backoff(streak: int) -> float:
     return 0.0 if streak <= 1 else min(0.5 * 2 ** (streak - 2), 10.0)
 
 
-@dataclass(eq=False)
-class _Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    pipe: int
-    started: float
-    replaces: _Child | None = None
-    state: str = "active"  # active | replacing (its successor boots) | retiring | recycling
-    booted: bool = False
-    ready_at: float | None = None
-    last_beat: float = 0.0
-    stable: bool = False
-    killed: str | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-
-
 class Supervisor:
     """Runs ``processes`` copies of one child config until stopped; ``run()`` returns the exit code."""
 
@@ -112,7 +87,7 @@ class Supervisor:
         self.hang_timeout = hang_timeout
         self.boot_timeout = boot_timeout
         self.control_dir = control_dir
-        self.children: dict[int, _Child] = {}
+        self.children: dict[int, Child] = {}
         self._signals: list[int] = []
         self._sel = selectors.DefaultSelector()
         self._exit: ExitCode | None = None
@@ -124,9 +99,9 @@ class Supervisor:
         self._next_spawn = 0.0
         self._ever_booted = False
         self._ever_ready = False
-        self._roll: list[_Child] = []
-        self._roll_new: _Child | None = None
-        self._control: socket.socket | None = None
+        self._roll: list[Child] = []
+        self._roll_new: Child | None = None
+        self._control: ControlSocket | None = None
         self.control_path: Path | None = None
 
     # -- main loop --------------------------------------------------------------------------------------
@@ -173,7 +148,8 @@ class Supervisor:
                 c.signal(signal.SIGKILL)
                 c.proc.wait()
                 self._forget(c)
-            self._close_control()
+            if self._control is not None:
+                self._control.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(old_wakeup)
@@ -243,74 +219,45 @@ class Supervisor:
 
     # -- children ---------------------------------------------------------------------------------------
 
-    def _spawn(self, replaces: _Child | None = None) -> _Child:
+    def _spawn(self, replaces: Child | None = None) -> Child:
         self._counter += 1
-        name = f"worker-{self._counter}"
-        beat_r, beat_w = os.pipe()
         cfg = msgspec.structs.replace(
             self.template,
-            name=name,
-            heartbeat_fd=beat_w,
+            name=f"worker-{self._counter}",
             supervisor_pid=os.getpid(),
             # A booted child has resolved the app's URL and said which embedded server it uses, if any: the
             # others keep quiet (this process never imports the app, so it cannot say it itself).
             announce_embedded=self.template.announce_embedded and not self._ever_booted,
         )
-        argv = [sys.executable, "-m", "qflow._child", msgspec.json.encode(cfg).decode()]
-        # Block our signals while spawning: none may run our handler in the child between fork and exec.
-        # The mask survives exec; the child unblocks once its own handlers are in place.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(beat_w,))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(beat_w)
-        os.set_blocking(beat_r, False)
-        now = time.monotonic()
-        c = _Child(name, proc, beat_r, now, replaces=replaces, last_beat=now)
-        self.children[proc.pid] = c
-        self._sel.register(beat_r, selectors.EVENT_READ, c)
-        log.info("started %s (pid %d)%s", name, proc.pid, f" to replace {replaces.name}" if replaces else "")
+        c = spawn(cfg, block=HANDLED, replaces=replaces)
+        self.children[c.pid] = c
+        self._sel.register(c.pipe, selectors.EVENT_READ, c)
+        log.info("started %s (pid %d)%s", c.name, c.pid, f" to replace {replaces.name}" if replaces else "")
         return c
 
-    def _retire(self, c: _Child, why: str | None) -> None:
+    def _retire(self, c: Child, why: str | None) -> None:
         if why:
             log.info("%s (pid %d): draining (%s)", c.name, c.pid, why)
         c.state = "retiring"
         c.signal(signal.SIGTERM)
 
-    def _forget(self, c: _Child) -> None:
+    def _forget(self, c: Child) -> None:
         self.children.pop(c.pid, None)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(c.pipe)
-        with contextlib.suppress(OSError):
-            os.close(c.pipe)
-        if c.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                c.proc.stdin.close()
+        c.close()
 
-    def _read_beats(self, c: _Child) -> None:
-        try:
-            data = os.read(c.pipe, 4096)
-        except BlockingIOError:
+    def _read_beats(self, c: Child) -> None:
+        data = c.read_beats()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(c.pipe)
             return
-        now = time.monotonic()
-        c.last_beat = now
-        if b"b" in data and not c.booted:
-            c.booted = self._ever_booted = True
-        if b"r" in data and c.ready_at is None:
-            c.ready_at = now
-            self._ever_ready = True
-            log.info("%s (pid %d) ready in %.2fs", c.name, c.pid, now - c.started)
-        if b"x" in data and c.state == "active":
-            c.state = "recycling"
-            log.info("%s (pid %d) is recycling: it drains while its replacement starts", c.name, c.pid)
+        c.take_beats(data, time.monotonic())
+        self._ever_booted = self._ever_booted or c.booted
+        self._ever_ready = self._ever_ready or c.ready_at is not None
 
     def _reap(self) -> None:
         for c in list(self.children.values()):
@@ -322,7 +269,7 @@ class Supervisor:
             log.info("every worker finished: the queues are drained")
             self._exit = ExitCode.OK
 
-    def _on_exit(self, c: _Child, rc: int) -> None:
+    def _on_exit(self, c: Child, rc: int) -> None:
         now = time.monotonic()
         how = describe_exit(rc)
         if c.killed and rc == -signal.SIGKILL:
@@ -434,23 +381,17 @@ class Supervisor:
         if self.control_dir is None:
             return
         try:
-            self._control, self.control_path = listen(self.control_dir)
+            self._control = ControlSocket(self.control_dir)
         except OSError as exc:
             log.warning("no control socket in %s (%s): `qflow scale` cannot reach it", self.control_dir, exc)
             return
-        self._sel.register(self._control, selectors.EVENT_READ, "control")
-
-    def _close_control(self) -> None:
-        if self._control is not None:
-            self._control.close()
-        if self.control_path is not None:
-            with contextlib.suppress(OSError):
-                self.control_path.unlink()
+        self.control_path = self._control.path
+        self._sel.register(self._control.sock, selectors.EVENT_READ, "control")
 
     def _serve_control(self) -> None:
         assert self._control is not None
         try:
-            serve_one(self._control, self._command)
+            self._control.serve(self._command)
         except (OSError, ValueError) as exc:
             log.debug("control request failed: %s", exc)
 
@@ -473,14 +414,5 @@ class Supervisor:
             "target": self.template.target,
             "desired": self.desired,
             "stopping": self._stopping,
-            "children": [
-                {
-                    "name": c.name,
-                    "pid": c.pid,
-                    "state": c.state,
-                    "ready": c.ready_at is not None,
-                    "uptime": round(now - c.started, 3),
-                }
-                for c in sorted(self.children.values(), key=lambda c: c.started)
-            ],
+            "children": [c.describe(now) for c in sorted(self.children.values(), key=lambda c: c.started)],
         }

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ("control_request", "find_supervisors", "listen", "run_dir", "serve_one")
+__all__ = ("ControlSocket", "control_request", "find_supervisors", "listen", "run_dir", "serve_one")
 
 _MAX_REQUEST = 65536
 
@@ -54,6 +54,23 @@ def serve_one(sock: socket.socket, handle: Callable[[dict[str, Any]], dict[str, 
                 break
             data += chunk
         conn.sendall(json.dumps(handle(json.loads(data or b"{}"))).encode() + b"\n")
+
+
+class ControlSocket:
+    """A supervisor's end: its socket listening in ``directory``; ``close()`` also removes the file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.sock, self.path = listen(directory)
+
+    def serve(self, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Answer one waiting request with ``handle`` (``serve_one``)."""
+        serve_one(self.sock, handle)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket's file."""
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 def run_dir() -> Path:

@@ -14,10 +14,10 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from .exceptions import QflowError
+from ..exceptions import QflowError
 
 if TYPE_CHECKING:
-    from ._app import App
+    from .._app import App
 
 __all__ = ("BadTarget", "load_app", "split_target")
 
@@ -60,7 +60,7 @@ def _module_of_path(path: str) -> str | None:
 
 def _suggest(obj: object, missing: str) -> str:
     """``; did you mean 'app'?`` for a mistyped attribute of ``obj`` (qflow.App objects first), or ''."""
-    from ._app import App
+    from .._app import App
 
     try:
         namespace = dict(vars(obj))
@@ -82,7 +82,7 @@ def load_app(target: str) -> App:
     The current directory is put on ``sys.path`` first, as ``python -m`` would, so ``qflow worker
     myproject.tasks:app`` works from the project's root.
     """
-    from ._app import App
+    from .._app import App
 
     module_name, attr_path = split_target(target)
     cwd = os.getcwd()

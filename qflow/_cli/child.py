@@ -1,13 +1,13 @@
 """One worker process of ``qflow worker``: a fresh interpreter that imports ``module:app`` itself.
 
-The supervisor starts it as ``python -m qflow._child '<json config>'`` (never a fork of a process holding
-an event loop or a Redis connection). The child:
+The supervisor starts it as ``python -m qflow._cli.child '<json config>'`` (never a fork of a process
+holding an event loop or a Redis connection). The child:
 
 - imports the target; a bad one exits with ``ExitCode.BAD_TARGET`` (``CONFIG`` when the app cannot run as
   asked), which tells the supervisor a restart would not help;
 - runs a ``Worker`` with companions: a liveness beat on a pipe to the supervisor (written *from the event
-  loop*, so a blocked loop goes silent and gets killed), the fleet heartbeat in Redis, a memory guard, and a
-  watchdog thread that names the ``async`` processor blocking the loop;
+  loop*, so a blocked loop goes silent and gets killed), the fleet heartbeat in Redis, and its ``guards``: a
+  memory guard and a watchdog thread that names the ``async`` processor blocking the loop;
 - stops on SIGTERM by draining (always: a second SIGTERM from a process manager that signals the whole group
   must not turn into a fast stop), and on SIGQUIT at once, releasing unfinished jobs. SIGINT is ignored: the
   terminal's Ctrl-C reaches the whole process group, and the supervisor decides what it means;
@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
-from ._exitcodes import ExitCode
+from .exitcodes import ExitCode
+from .guards import loop_watchdog, memory_guard
+from .logs import configure_logging
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from .._worker import Worker
 
-__all__ = ("ChildConfig", "exit_process", "main", "rss_bytes", "run_child")
+__all__ = ("ChildConfig", "exit_process", "loop_runner", "main", "run_child")
 
 log = logging.getLogger("qflow.worker")
 
@@ -82,7 +84,7 @@ class ChildConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def loop_runner(name: str) -> Callable[[Coroutine[Any, Any, None]], None]:
     """``asyncio.run``, or ``uvloop.run`` for ``"uvloop"`` (a clear error when it is not installed)."""
-    from .exceptions import ConfigurationError
+    from ..exceptions import ConfigurationError
 
     if name == "asyncio":
         return asyncio.run
@@ -144,15 +146,15 @@ class _Control:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point of ``python -m qflow._child '<json ChildConfig>'``."""
+    """Entry point of ``python -m qflow._cli.child '<json ChildConfig>'``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m qflow._child '<json config>' (started by `qflow worker`)\n")
+        sys.stderr.write("usage: python -m qflow._cli.child '<json config>' (started by `qflow worker`)\n")
         sys.exit(ExitCode.USAGE)
     try:
         cfg = msgspec.json.decode(args[0], type=ChildConfig)
     except msgspec.DecodeError as exc:
-        sys.stderr.write(f"qflow._child: bad config: {exc}\n")
+        sys.stderr.write(f"qflow._cli.child: bad config: {exc}\n")
         sys.exit(ExitCode.USAGE)
     exit_process(run_child(cfg))
 
@@ -173,8 +175,6 @@ def exit_process(code: int) -> NoReturn:
 
 def run_child(cfg: ChildConfig) -> ExitCode:
     """Run one worker process to completion and say how it ended."""
-    from ._cli import configure_logging
-
     ctl = _Control(cfg)
     _install_signals(ctl)
     if cfg.log_config:
@@ -184,9 +184,9 @@ def run_child(cfg: ChildConfig) -> ExitCode:
     if ctl.stop_requested:
         return ExitCode.OK
 
-    from ._importer import BadTarget, load_app
-    from ._worker import Worker
-    from .exceptions import BrokerUnavailable, ConfigurationError
+    from .._worker import Worker
+    from ..exceptions import BrokerUnavailable, ConfigurationError
+    from .importer import BadTarget, load_app
 
     try:
         app = load_app(cfg.target)
@@ -258,7 +258,7 @@ async def _run(worker: Worker, ctl: _Control) -> None:
 
 
 def _companions(cfg: ChildConfig, ctl: _Control) -> list[Callable[[Worker], Awaitable[None]]]:
-    from ._fleet import heartbeat
+    from .._fleet import heartbeat
 
     out: list[Callable[[Worker], Awaitable[None]]] = [
         _apply_early_stop(ctl),
@@ -273,9 +273,9 @@ def _companions(cfg: ChildConfig, ctl: _Control) -> list[Callable[[Worker], Awai
     if cfg.heartbeat_fd >= 0:
         out.append(_supervisor_link(cfg, ctl))
     if cfg.max_memory_mb:
-        out.append(_memory_guard(cfg.max_memory_mb))
+        out.append(memory_guard(cfg.max_memory_mb))
     if cfg.block_warning > 0:
-        out.append(_loop_watchdog(cfg.block_warning))
+        out.append(loop_watchdog(cfg.block_warning))
     return out
 
 
@@ -383,124 +383,6 @@ def _jittered(max_jobs: int | None) -> int | None:
     if max_jobs is None:
         return None
     return max_jobs + random.randint(0, max(1, max_jobs // 10))
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process in bytes (``/proc/self/statm``; peak RSS where there is no /proc)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _memory_guard(limit_mb: float) -> Callable[[Worker], Awaitable[None]]:
-    """Drain and exit (to be replaced) once RSS passes ``limit_mb``; checked every second."""
-
-    async def run(worker: Worker) -> None:
-        limit = limit_mb * 1024 * 1024
-        await asyncio.sleep(random.uniform(0.0, 1.0))  # jitter: children do not all check at once
-        while not worker.stopping:
-            rss = rss_bytes()
-            if rss > limit:
-                log.warning(
-                    "memory %.0f MB is over --max-memory-per-child %.0f MB: draining to be replaced",
-                    rss / 2**20,
-                    limit_mb,
-                )
-                worker.stop()
-                return
-            await asyncio.sleep(1.0)
-
-    return run
-
-
-# -- loop watchdog -----------------------------------------------------------------------------------------
-
-
-def _loop_watchdog(threshold: float) -> Callable[[Worker], Awaitable[None]]:
-    """Warn, naming the processor, when one task holds the event loop longer than ``threshold`` seconds."""
-
-    async def run(worker: Worker) -> None:
-        dog = _Watchdog(asyncio.get_running_loop(), worker, threshold)
-        dog.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            dog.halt()
-
-    return run
-
-
-class _Watchdog(threading.Thread):
-    """A thread that probes the loop: while a probe stays unanswered, a task that stays current for
-    ``threshold`` seconds is blocking the loop. Warns at once (the loop may never recover: the supervisor
-    then kills it), at most once a minute per culprit."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, worker: Worker, threshold: float) -> None:
-        super().__init__(name="qflow-loop-watchdog", daemon=True)
-        self.loop = loop
-        self.worker = worker
-        self.threshold = threshold
-        self._halt = threading.Event()
-        self._answered = threading.Event()
-        self._last_warned: dict[str, float] = {}
-
-    def halt(self) -> None:
-        """Stop the thread (it exits within one probe period)."""
-        self._halt.set()
-
-    def run(self) -> None:
-        """Probe the loop; while a probe is unanswered, watch which task is current."""
-        period = max(0.005, self.threshold / 4)
-        while not self._halt.is_set():
-            self._answered.clear()
-            try:
-                self.loop.call_soon_threadsafe(self._answered.set)
-            except RuntimeError:
-                return  # the loop closed
-            suspect = asyncio.current_task(self.loop)
-            since = time.monotonic()
-            reported = False
-            while not self._answered.wait(period):
-                if self._halt.is_set():
-                    return
-                current = asyncio.current_task(self.loop)
-                now = time.monotonic()
-                if current is not suspect:
-                    suspect, since = current, now
-                elif current is not None and not reported and now - since >= self.threshold:
-                    self._report(current, now - since)
-                    reported = True
-            self._halt.wait(period)
-
-    def _report(self, task: asyncio.Task[object], seconds: float) -> None:
-        try:
-            found = self.worker.job_of_task(task)
-        except RuntimeError:  # the loop thread changed a dict while we read it
-            found = None
-        if found is None:
-            # Not a job: more likely starved of the GIL by sync handlers' threads than blocking.
-            log.debug("task %s has held the event loop for %.2fs", task.get_name(), seconds)
-            return
-        processor, job = found
-        culprit = processor
-        now = time.monotonic()
-        if now - self._last_warned.get(culprit, -1e9) < 60.0:
-            return
-        self._last_warned[culprit] = now
-        log.warning(
-            "async processor %s (job %s) is blocking the event loop (%.2fs so far): no other job, "
-            "lease renewal or heartbeat runs meanwhile. Make it `def` (it then runs in a thread) or give "
-            "it its own processes (`qflow worker ... -q %s -p N`)",
-            processor,
-            job,
-            seconds,
-            processor.split(":", 1)[0],
-        )
 
 
 if __name__ == "__main__":

@@ -1,24 +1,22 @@
-"""The ``qflow`` command (also ``python -m qflow``): a thin argparse layer over the public functions.
+"""The ``qflow`` command line: its arguments, their ``QFLOW_*`` variables and defaults, and ``parse_args``.
 
-Logging is configured here and nowhere else (``--no-log-config`` leaves it alone). Every exit status comes
-from ``qflow._exitcodes.ExitCode``. See docs/cli.md.
+Options default to None in the parser; ``parse_args`` fills what was not given from the environment, then
+from the defaults, and checks the combinations argparse cannot. Every error exits with argparse's usage
+message and ``ExitCode.USAGE``. See docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
-from ._exitcodes import MEANING, ExitCode
+from .exitcodes import MEANING, ExitCode
+from .logs import LOG_LEVELS
 
-__all__ = ("build_parser", "configure_logging", "main", "parse_args")
-
-LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(qflow_process)s[%(process)d] %(name)s: %(message)s"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+__all__ = ("COMMON_ENV", "JOB_STATES", "WORKER_ENV", "build_parser", "parse_args")
 
 WORKER_DESCRIPTION = """\
 Run the processors of module:app in supervised worker processes.
@@ -141,7 +139,7 @@ COMMON_ENV: dict[str, tuple[str, Callable[[str], Any], Any]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qflow`` argument parser (options default to None: ``parse_args`` fills env vars and defaults)."""
-    from . import __version__
+    from .. import __version__
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -403,88 +401,3 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
             found: argparse.ArgumentParser = action.choices[name]
             return found
     return parser
-
-
-# -- logging ----------------------------------------------------------------------------------------------
-
-
-class _ProcessTag(logging.Filter):
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.tag = name
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.qflow_process = self.tag
-        return True
-
-
-def configure_logging(level: str, process_name: str) -> None:
-    """Send every log line to stderr in qflow's one format, tagged ``process_name[pid]`` (CLI use only)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(_ProcessTag(process_name))
-    root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
-# -- entry point ------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``qflow`` console script and of ``python -m qflow``."""
-    args = parse_args(argv)
-    if not args.no_log_config:
-        configure_logging(
-            args.log_level, "supervisor" if args.command == "worker" and not args.in_process else "qflow"
-        )
-    from ._commands import cmd_info, cmd_jobs, cmd_scale, cmd_server, cmd_status
-
-    commands: dict[str, Callable[[argparse.Namespace], ExitCode]] = {
-        "worker": cmd_worker,
-        "status": cmd_status,
-        "info": cmd_info,
-        "jobs": cmd_jobs,
-        "scale": cmd_scale,
-        "server": cmd_server,
-    }
-    try:
-        code = commands[args.command](args)
-    except KeyboardInterrupt:
-        code = ExitCode.ERROR
-    sys.exit(int(code))
-
-
-def cmd_worker(args: argparse.Namespace) -> ExitCode:
-    """``qflow worker``: a supervisor of ``-p`` processes, or one worker in this process."""
-    from ._child import ChildConfig, exit_process, run_child
-
-    cfg = ChildConfig(
-        target=args.target,
-        queues=args.queues,
-        concurrency=args.concurrency,
-        burst=bool(args.burst),
-        drain_timeout=args.drain_timeout,
-        max_jobs=args.max_jobs_per_child,
-        max_memory_mb=args.max_memory_per_child,
-        log_level=args.log_level,
-        log_config=not args.no_log_config,
-        supervised=not args.in_process,
-        name="worker",
-        loop=args.loop,
-    )
-    if args.in_process:
-        exit_process(run_child(cfg))
-    from ._commands import fail
-    from ._control import run_dir
-    from ._importer import BadTarget, split_target
-    from ._supervisor import Supervisor
-
-    try:
-        split_target(args.target)  # the form only: the supervisor never imports the app
-    except BadTarget as exc:
-        return fail(ExitCode.BAD_TARGET, str(exc))
-
-    return Supervisor(cfg, args.processes, hang_timeout=args.hang_timeout, control_dir=run_dir()).run()
