@@ -97,7 +97,7 @@ async def pickup(url: str, n: int) -> None:
     Stamps (``time.perf_counter``, one process): before ``add``; ``add`` returned; the claim reply reached
     ``Worker._start`` (wrapped here); the handler began. Run for the default and ``claim_behind_wait``.
     """
-    from qflow import _worker
+    from qflow._worker import worker as _worker
 
     claimed: dict[str, float] = {}
     real_start = _worker.Worker._start

@@ -13,7 +13,7 @@ from ._settings import RetentionSettings as RetentionSettings
 from ._settings import WorkerSettings as WorkerSettings
 from ._state import Backoff as Backoff
 from ._state import State as State
-from ._worker import Worker as Worker
+from ._worker.worker import Worker as Worker
 from .exceptions import BrokerFull as BrokerFull
 from .exceptions import BrokerUnavailable as BrokerUnavailable
 from .exceptions import ConfigurationError as ConfigurationError

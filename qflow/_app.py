@@ -158,7 +158,7 @@ class App:
         ``queues`` defaults to every queue with processors. ``concurrency`` overrides each processor's own.
         With ``handle_signals=True`` the first SIGTERM/SIGINT drains gracefully and a second stops at once.
         """
-        from ._worker import Worker
+        from ._worker.worker import Worker
 
         worker = Worker(
             self,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._app import App
     from ._queue import Queue
-    from ._worker import Worker
+    from ._worker.worker import Worker
 
 __all__ = (
     "JOB_LIST_STATES",

@@ -42,7 +42,7 @@ from .guards import loop_watchdog, memory_guard
 from .logs import configure_logging
 
 if TYPE_CHECKING:
-    from .._worker import Worker
+    from .._worker.worker import Worker
 
 __all__ = ("ChildConfig", "exit_process", "loop_runner", "main", "run_child")
 
@@ -184,7 +184,7 @@ def run_child(cfg: ChildConfig) -> ExitCode:
     if ctl.stop_requested:
         return ExitCode.OK
 
-    from .._worker import Worker
+    from .._worker.worker import Worker
     from ..exceptions import BrokerUnavailable, ConfigurationError
     from .importer import BadTarget, load_app
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .._worker import Worker
+    from .._worker.worker import Worker
 
 __all__ = ("loop_watchdog", "memory_guard", "rss_bytes")
 

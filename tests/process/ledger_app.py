@@ -207,8 +207,8 @@ def install_crash_point(point: str, ledger: LedgerWriter) -> None:
     every job of the batch is claimed and none has started; ``before_ack`` and ``after_ack`` wrap the
     broker's ``complete`` (``qflow._broker.scripts.complete``), which the worker calls for every ack batch.
     """
-    from qflow import _worker
     from qflow._broker import scripts
+    from qflow._worker import worker as _worker
 
     if point not in CRASH_POINTS:
         raise ValueError(f"unknown crash point {point!r}: one of {CRASH_POINTS}")

@@ -1,10 +1,10 @@
-"""The claim budget of one queue in one worker (``qflow._deliveries.Slots``): claim-ahead sizing."""
+"""The claim budget of one queue in one worker (``qflow._worker.deliveries.Slots``): claim-ahead sizing."""
 
 from __future__ import annotations
 
 import asyncio
 
-from qflow._deliveries import Slots
+from qflow._worker.deliveries import Slots
 
 
 def test_no_claim_ahead_before_any_handler_finished() -> None:

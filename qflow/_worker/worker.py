@@ -32,24 +32,25 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from . import _codec
-from ._aio import as_coro, cancel_until_done, wait_first
-from ._broker import commands, scripts
-from ._broker.errors import ErrorReply, translated
-from ._broker.servercheck import check_server
-from ._deliveries import Delivery, Lanes, QueueRunner
-from ._queue import Job, Queue
-from ._settings import WorkerSettings
-from ._state import decide_after_error
-from .exceptions import BrokerFull, BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
+from .. import _codec
+from .._broker import commands, scripts
+from .._broker.errors import ErrorReply, translated
+from .._broker.servercheck import check_server
+from .._queue import Job, Queue
+from .._settings import WorkerSettings
+from .._state import decide_after_error
+from ..exceptions import BrokerFull, BrokerUnavailable, ConfigurationError, PayloadError, QflowError, Retry
+from .aio import as_coro, cancel_until_done, wait_first
+from .deliveries import Delivery, Lanes, QueueRunner
 
 if TYPE_CHECKING:
-    from ._app import App
-    from ._processor import Processor
+    from .._app import App
+    from .._processor import Processor
 
 __all__ = ("Worker",)
 
-log = logging.getLogger(__name__)
+# One logger name for all the worker's parts: log lines and logging config read as before the split.
+log = logging.getLogger("qflow._worker")
 
 _RELEASE_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is released anyway
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._aio import wait_first
+from .aio import wait_first
 
 if TYPE_CHECKING:
-    from ._broker.scripts import Claimed
-    from ._codec import Envelope
-    from ._queue import Queue
+    from .._broker.scripts import Claimed
+    from .._codec import Envelope
+    from .._queue import Queue
 
 __all__ = ("Delivery", "Lanes", "QueueRunner", "Slots")
 
