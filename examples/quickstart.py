@@ -36,7 +36,7 @@ import qflow
 
 # Not public API yet: where the embedded server lives, and the heartbeats `qflow status` reads.
 from qflow._embedded import server_for
-from qflow._fleet import list_workers
+from qflow._inspect import list_workers
 
 app = qflow.App()
 work = app.queue("quickstart")

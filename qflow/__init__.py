@@ -4,6 +4,8 @@ Producers ``await queue.add(...)``; worker processes run ``@queue.processor`` ha
 many jobs one process runs at once; processes are how many of those run side by side.
 """
 
+from ._admin import JobInfo as JobInfo
+from ._admin import RetryReport as RetryReport
 from ._app import App as App
 from ._processor import Processor as Processor
 from ._queue import Job as Job
@@ -35,6 +37,7 @@ __all__ = (
     "ConfigurationError",
     "Job",
     "JobFailed",
+    "JobInfo",
     "JobNotFound",
     "JobSpec",
     "PayloadError",
@@ -45,6 +48,7 @@ __all__ = (
     "ResultTimeout",
     "RetentionSettings",
     "Retry",
+    "RetryReport",
     "SchemaMismatch",
     "State",
     "UnknownJobName",

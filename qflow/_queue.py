@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import msgspec
 
-from . import _codec
+from . import _admin, _codec
 from ._broker import commands, scripts
 from ._broker.errors import is_timeout, translated
 from ._broker.keys import QueueKeys
@@ -324,6 +324,43 @@ class Queue:
         with translated("HGETALL stats"):
             raw = await self.app.redis().hgetall(self.keys.stats)
         return {_text(key): int(value) for key, value in raw.items()}
+
+    # -- admin: look up, retry and delete jobs (qflow._admin; also `qflow jobs show|retry|purge`) -----------
+
+    async def get_job(self, job_id: str) -> _admin.JobInfo:
+        """Everything stored about one job right now, in one round trip: its state, processor name, payload,
+        attempts spent, stalls, last error, whether it has a result (and the result), and the server time
+        that goes with its state (finished, due, or lease deadline).
+
+        Raises ``JobNotFound`` if there is no such job (never added, or trimmed by retention). A snapshot for
+        inspecting; to wait for a job's outcome use ``job(job_id).result()``.
+        """
+        return await _admin.get_job(self, job_id)
+
+    async def retry_failed(
+        self, ids: Iterable[str] | None = None, *, limit: int | None = None
+    ) -> _admin.RetryReport:
+        """Put failed jobs back in ``waiting`` with a fresh set of attempts, at the back of the line; their
+        attempt and stall counts and last error are cleared, their id and payload kept.
+
+        With ``ids``, exactly those jobs: an id whose job is not failed (retried already, running,
+        completed) is left alone and listed in ``not_failed``, one with no job in ``missing``. Without
+        ``ids``, the ``limit`` oldest failures (``None``: every failed job). Each job moves atomically, in
+        script calls of up to 500 jobs, so a worker can run it as soon as it is back. Raises
+        ``ConfigurationError`` for both ``ids`` and ``limit``, or a bad ``limit``.
+        """
+        return await _admin.retry_failed(self, ids, limit=limit)
+
+    async def purge(self) -> int:
+        """Delete every job of this queue, in every state, with its results, errors and lifetime counters;
+        return how many Redis keys were deleted. Irreversible.
+
+        Only this queue's keys are touched (its fixed keys, and its per-job notify lists found by ``SCAN``,
+        never ``KEYS``); other queues and anything else on the server are left alone. Stop or drain the
+        workers first: a worker running one of the deleted jobs loses its lease (the handler is cancelled at
+        its next renewal, and an ack is rejected as stale). Producers can add to the queue again right away.
+        """
+        return await _admin.purge(self)
 
 
 class _AddBatcher:

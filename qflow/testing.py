@@ -4,7 +4,9 @@
   port; yields its URL and stops it on exit.
 - ``FAST``: worker timings for tests (short leases, quick stalled checks).
 - ``drain(app)``: run a worker in this process until the queues are empty (burst mode), with a deadline.
-- ``purge(queue)``: delete every key of one queue (never the whole server).
+- ``purge(queue)``: delete every key of one queue (never the whole server); the same as ``Queue.purge()``.
+
+Operating a queue in production (retry failed jobs, look one up, purge) is ``Queue``'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -135,10 +137,9 @@ async def drain(
 
 
 async def purge(queue: Queue) -> int:
-    """Delete every key of ``queue`` (its jobs, counters and results); returns the number of keys deleted."""
-    client = queue.app.redis()
-    deleted = int(await client.delete(*queue.keys.all_fixed()))
-    pattern = queue.keys.notify("*")
-    async for key in client.scan_iter(match=pattern, count=500):
-        deleted += int(await client.delete(key))
-    return deleted
+    """Delete every job and key of ``queue`` (never the whole server); returns the number of keys deleted.
+
+    A test helper kept because test suites call it between tests: it is ``await queue.purge()``, which
+    production code should call directly.
+    """
+    return await queue.purge()

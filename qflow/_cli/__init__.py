@@ -1,7 +1,7 @@
 """The ``qflow`` command and the process supervisor: everything that runs *around* the library.
 
 Data flows one way: these modules import the library (``qflow._app``, ``qflow._worker``, ``qflow._fleet``,
-...), and no library module imports them. The package's modules, by role:
+``qflow._inspect``, ...), and no library module imports them. The package's modules, by role:
 
 - ``main``: ``main()``, the entry point (``qflow = "qflow._cli:main"``, ``python -m qflow``), and
   ``qflow worker``

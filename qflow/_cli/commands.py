@@ -103,7 +103,7 @@ async def _queues_of(args: argparse.Namespace, app: Any, names: Sequence[str] | 
     With ``module:app``, a name the app does not declare is a ``ConfigurationError``; without it, a name
     Redis does not know is one too (a typo would otherwise print an empty queue).
     """
-    from .._fleet import discover_queues
+    from .._inspect import discover_queues
     from ..exceptions import ConfigurationError
 
     known = list(app.queues) if args.target else await discover_queues(app)
@@ -118,14 +118,14 @@ async def _queues_of(args: argparse.Namespace, app: Any, names: Sequence[str] | 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
     """``qflow status``: every live worker process of the app's Redis, on every host."""
-    from .._fleet import _server_ms, list_workers
+    from .._inspect import list_workers, server_time
 
     async def body(app: Any) -> ExitCode:
         workers = await list_workers(app)
         if args.json:
             print_json(workers)
             return ExitCode.OK
-        now = await _server_ms(app.redis()) / 1000
+        now = await server_time(app)
         if not workers:
             out(f"no live worker process (prefix {app.prefix!r})")
             return ExitCode.OK
@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
 
 def cmd_info(args: argparse.Namespace) -> ExitCode:
     """``qflow info``: per-queue counts, lifetime totals and throughput over the last minute."""
-    from .._fleet import queue_info
+    from .._inspect import queue_info
 
     async def body(app: Any) -> ExitCode:
         infos = await queue_info(app, await _queues_of(args, app, args.queues))
@@ -233,7 +233,7 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
 
 def cmd_jobs(args: argparse.Namespace) -> ExitCode:
     """``qflow jobs list|show|retry|purge``."""
-    from .._fleet import list_jobs, retry_failed, show_job
+    from .._inspect import list_jobs
     from ..exceptions import ConfigurationError
 
     def queue_of(app: Any) -> Any:
@@ -269,7 +269,7 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
         return ExitCode.OK
 
     async def show(app: Any) -> ExitCode:
-        info = await show_job(queue_of(app), args.job_id)
+        info = await queue_of(app).get_job(args.job_id)
         if args.json:
             print_json(info)
             return ExitCode.OK
@@ -290,7 +290,12 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
         return ExitCode.OK
 
     async def retry(app: Any) -> ExitCode:
-        counts = await retry_failed(queue_of(app), None if args.all_failed else args.job_ids)
+        report = await queue_of(app).retry_failed(None if args.all_failed else args.job_ids)
+        counts = {
+            "requeued": report.requeued,
+            "not_failed": len(report.not_failed),
+            "missing": len(report.missing),
+        }
         if args.json:
             print_json(counts)
         else:
@@ -302,8 +307,6 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
         return ExitCode.NOT_FOUND if counts["missing"] else ExitCode.OK
 
     async def purge(app: Any) -> ExitCode:
-        from ..testing import purge as purge_queue
-
         queue = queue_of(app)
         counts = await queue.counts()
         summary = ", ".join(f"{n} {state}" for state, n in counts.items())
@@ -319,7 +322,7 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
             if answer.strip().lower() not in ("y", "yes"):
                 out("aborted: nothing deleted")
                 return ExitCode.ERROR
-        deleted = await purge_queue(queue)
+        deleted = await queue.purge()
         out(f"purged queue {args.queue!r} ({summary}; {deleted} key(s) deleted)")
         return ExitCode.OK
 

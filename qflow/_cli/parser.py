@@ -85,7 +85,7 @@ def _log_level(text: str) -> str:
 
 LOOPS = ("asyncio", "uvloop")
 JOB_STATES = ("waiting", "delayed", "active", "completed", "failed")
-"""States ``qflow jobs list`` reads (``qflow._fleet.JOB_LIST_STATES``, not imported: it would load redis)."""
+"""States ``qflow jobs list`` reads (``qflow._inspect.JOB_LIST_STATES``; not imported: it loads redis)."""
 JOB_VERBS = ("list", "show", "retry", "purge")
 
 

@@ -13,7 +13,7 @@ import pytest
 from redis import exceptions as rexc
 
 import qflow
-from qflow import _fleet
+from qflow import _inspect
 from qflow._broker import scripts
 from qflow._broker.errors import is_timeout, translate, translated
 from qflow._broker.keys import QueueKeys
@@ -133,12 +133,13 @@ READS: dict[str, Callable[[qflow.App], Awaitable[Any]]] = {
     "Job.result": lambda app: app.queue("q").job("j1").result(timeout=1.0),
     "Queue.add": lambda app: app.queue("q").add("send", {"to": "a"}),
     "Queue.add_bulk": lambda app: app.queue("q").add_bulk([qflow.JobSpec("send", 1)]),
-    "list_workers": _fleet.list_workers,
-    "queue_info": lambda app: _fleet.queue_info(app, [app.queue("q")]),
-    "discover_queues": _fleet.discover_queues,
-    "list_jobs": lambda app: _fleet.list_jobs(app.queue("q"), "failed", 10),
-    "show_job": lambda app: _fleet.show_job(app.queue("q"), "j1"),
-    "retry_failed": lambda app: _fleet.retry_failed(app.queue("q")),
+    "list_workers": _inspect.list_workers,
+    "queue_info": lambda app: _inspect.queue_info(app, [app.queue("q")]),
+    "discover_queues": _inspect.discover_queues,
+    "list_jobs": lambda app: _inspect.list_jobs(app.queue("q"), "failed", 10),
+    "Queue.get_job": lambda app: app.queue("q").get_job("j1"),
+    "Queue.retry_failed": lambda app: app.queue("q").retry_failed(),
+    "Queue.purge": lambda app: app.queue("q").purge(),
     "check_server": lambda app: check_server(app.redis()),
 }
 

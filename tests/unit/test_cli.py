@@ -19,7 +19,7 @@ from qflow._cli.guards import rss_bytes
 from qflow._cli.importer import BadTarget, load_app, split_target
 from qflow._cli.logs import configure_logging
 from qflow._cli.parser import COMMON_ENV, JOB_STATES, WORKER_ENV, parse_args
-from qflow._fleet import JOB_LIST_STATES
+from qflow._inspect import JOB_LIST_STATES
 from qflow.exceptions import ConfigurationError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
