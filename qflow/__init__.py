@@ -16,9 +16,11 @@ from ._settings import WorkerSettings as WorkerSettings
 from ._state import Backoff as Backoff
 from ._state import State as State
 from ._worker.worker import Worker as Worker
+from .exceptions import BrokerError as BrokerError
 from .exceptions import BrokerFull as BrokerFull
 from .exceptions import BrokerUnavailable as BrokerUnavailable
 from .exceptions import ConfigurationError as ConfigurationError
+from .exceptions import JobError as JobError
 from .exceptions import JobFailed as JobFailed
 from .exceptions import JobNotFound as JobNotFound
 from .exceptions import PayloadError as PayloadError
@@ -32,10 +34,12 @@ from .exceptions import UnknownJobName as UnknownJobName
 __all__ = (
     "App",
     "Backoff",
+    "BrokerError",
     "BrokerFull",
     "BrokerUnavailable",
     "ConfigurationError",
     "Job",
+    "JobError",
     "JobFailed",
     "JobInfo",
     "JobNotFound",

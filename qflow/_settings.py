@@ -1,10 +1,50 @@
-"""Option groups, as frozen msgspec Structs (validated on construction)."""
+"""Option groups, as frozen msgspec Structs (validated on construction), and the number check they share.
+
+A bad value raises ``ConfigurationError`` (a ``QflowError`` and a ``ValueError``) naming the field, the
+value and the range. Every number is checked finite: it reaches timers and Lua scripts (docs/DESIGN).
+"""
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
-__all__ = ("RetentionSettings", "WorkerSettings")
+from .exceptions import ConfigurationError
+
+__all__ = ("RetentionSettings", "WorkerSettings", "check_number")
+
+
+def check_number(
+    what: str,
+    value: object,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    integer: bool = False,
+    unit: str = "",
+) -> None:
+    """Raise ``ConfigurationError`` unless ``value`` is a finite number (an int if ``integer``) in range.
+
+    ``bool`` is refused although it is an ``int``: ``attempts=True`` is a mistake, not 1.
+    """
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (isinstance(value, int) or not integer)
+        and (isinstance(value, int) or math.isfinite(value))  # an int is finite (and may not fit a float)
+        and (ge is None or value >= ge)
+        and (gt is None or value > gt)
+        and (le is None or value <= le)
+    )
+    if not ok:
+        bounds = [f">= {ge:g}" if ge is not None else "", f"> {gt:g}" if gt is not None else ""]
+        bounds.append(f"<= {le:g}" if le is not None else "")
+        wanted = "an int" if integer else "a finite number"
+        rng = " and ".join(b for b in bounds if b)
+        suffix = f" ({unit})" if unit else ""
+        raise ConfigurationError(f"{what} must be {wanted}{' ' + rng if rng else ''}{suffix}, got {value!r}")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -27,6 +67,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       (about 0.4 ms less here). The price, and why it is off by default: an idle worker that freezes (a
       paused VM or container) or loses its network while it waits still takes that one job, which then waits
       for its lease to expire (``lease_ttl + check_interval``) instead of running elsewhere at once.
+
+    A value out of range raises ``ConfigurationError``.
     """
 
     lease_ttl: float = 30.0
@@ -39,27 +81,22 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     claim_behind_wait: bool = False
 
     def __post_init__(self) -> None:
-        if self.lease_ttl < 0.3:
-            raise ValueError(f"lease_ttl must be >= 0.3 s, got {self.lease_ttl!r}")
-        if self.check_interval < 0.05:
-            raise ValueError(f"check_interval must be >= 0.05 s, got {self.check_interval!r}")
-        if self.max_stalls < 0:
-            raise ValueError(f"max_stalls must be >= 0, got {self.max_stalls!r}")
-        if self.drain_timeout < 0:
-            raise ValueError(f"drain_timeout must be >= 0 s, got {self.drain_timeout!r}")
-        if not 0.01 <= self.block_timeout <= 60:
-            raise ValueError(f"block_timeout must be within 0.01..60 s, got {self.block_timeout!r}")
-        if self.claim_batch < 1:
-            raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
-        if not 0 <= self.prefetch_window <= 60:
-            raise ValueError(f"prefetch_window must be within 0..60 s, got {self.prefetch_window!r}")
+        check_number("lease_ttl", self.lease_ttl, ge=0.3, unit="seconds")
+        check_number("check_interval", self.check_interval, ge=0.05, unit="seconds")
+        check_number("max_stalls", self.max_stalls, ge=0, integer=True)
+        check_number("drain_timeout", self.drain_timeout, ge=0, unit="seconds")
+        check_number("block_timeout", self.block_timeout, ge=0.01, le=60, unit="seconds")
+        check_number("claim_batch", self.claim_batch, ge=1, integer=True)
+        check_number("prefetch_window", self.prefetch_window, ge=0, le=60, unit="seconds")
+        if not isinstance(self.claim_behind_wait, bool):
+            raise ConfigurationError(f"claim_behind_wait must be a bool, got {self.claim_behind_wait!r}")
 
 
 class RetentionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How many finished jobs a queue keeps, and for how long (seconds; ``None`` = no age limit).
 
     Trimming happens inside the finishing scripts, a bounded number of jobs per call, so Redis memory stays
-    bounded without a separate sweeper.
+    bounded without a separate sweeper. A value out of range raises ``ConfigurationError``.
     """
 
     completed_count: int = 1000
@@ -68,8 +105,8 @@ class RetentionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     failed_age: float | None = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
-        if self.completed_count < 0 or self.failed_count < 0:
-            raise ValueError("retention counts must be >= 0")
-        for age in (self.completed_age, self.failed_age):
-            if age is not None and age < 0:
-                raise ValueError("retention ages must be >= 0 seconds or None")
+        check_number("retention completed_count", self.completed_count, ge=0, integer=True)
+        check_number("retention failed_count", self.failed_count, ge=0, integer=True)
+        for name, age in (("completed_age", self.completed_age), ("failed_age", self.failed_age)):
+            if age is not None:
+                check_number(f"retention {name}", age, ge=0, unit="seconds, or None for no age limit")

@@ -100,10 +100,15 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.delay < 0 or self.max_delay < 0:
-            raise ValueError("Backoff delays must be >= 0 seconds")
-        if not 0.0 <= self.jitter <= 1.0:
-            raise ValueError(f"Backoff jitter must be within 0..1, got {self.jitter!r}")
+        # Imported here: _state stays free of module-level qflow imports (pure data); the check is shared.
+        from ._settings import check_number
+        from .exceptions import ConfigurationError
+
+        if self.kind not in ("fixed", "exponential"):
+            raise ConfigurationError(f"Backoff kind must be 'fixed' or 'exponential', got {self.kind!r}")
+        check_number("Backoff delay", self.delay, ge=0, unit="seconds")
+        check_number("Backoff max_delay", self.max_delay, ge=0, unit="seconds")
+        check_number("Backoff jitter", self.jitter, ge=0, le=1)
 
     def seconds(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before the retry that follows failed attempt number ``attempt`` (1-based)."""

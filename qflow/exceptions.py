@@ -1,28 +1,39 @@
-"""qflow's public errors, rooted at one class.
+"""qflow's public errors, rooted at one class and grouped by what went wrong (httpx's layout).
 
 ```text
 QflowError
-├── ConfigurationError          bad settings (no Redis URL, invalid queue name, bad option value)
-├── PayloadError                a payload qflow will not enqueue or could not decode
+├── ConfigurationError          a setting or argument qflow cannot work with (also a ValueError)
+├── PayloadError                a payload qflow will not enqueue or could not decode (also a ValueError)
 │   └── PayloadTooLarge         encoded payload over ``max_payload_bytes``
-├── UnknownJobName              ``add`` names no processor registered on that queue
-├── BrokerUnavailable           Redis unreachable or silent past the socket timeout
-├── BrokerFull                  Redis refused a write: maxmemory reached (noeviction)
-├── SchemaMismatch              the queue's data was written by an incompatible qflow
-├── JobNotFound                 no job with that id (never added, or trimmed by retention)
-├── JobFailed                   ``Job.result()`` on a job that ended in ``failed``
-└── ResultTimeout               ``Job.result(timeout=)`` ran out (also a ``TimeoutError``)
+├── UnknownJobName              ``add`` names no processor registered on that queue (also a LookupError)
+├── BrokerError                 Redis could not do what was asked
+│   ├── BrokerUnavailable       unreachable, or silent past the socket timeout (also a ConnectionError)
+│   ├── BrokerFull              refused a write: maxmemory reached (noeviction)
+│   └── SchemaMismatch          the queue's data was written by an incompatible qflow
+└── JobError                    about one job: ``job_id`` says which
+    ├── JobFailed               ``Job.result()`` on a job that ended in ``failed``
+    ├── JobNotFound             no job with that id: never added, or trimmed (also a LookupError)
+    └── ResultTimeout           ``Job.result(timeout=)`` ran out (also a TimeoutError)
 ```
+
+Catch ``QflowError`` for anything qflow raises, a group (``BrokerError``, ``JobError``) for one kind of
+trouble, or a leaf. The second bases keep ``except ValueError`` / ``ConnectionError`` / ``TimeoutError`` /
+``LookupError`` working.
 
 ``Retry`` is not an error users catch: a processor raises it to ask for another attempt after a delay.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 __all__ = (
+    "BrokerError",
     "BrokerFull",
     "BrokerUnavailable",
     "ConfigurationError",
+    "JobError",
     "JobFailed",
     "JobNotFound",
     "PayloadError",
@@ -40,7 +51,7 @@ class QflowError(Exception):
 
 
 class ConfigurationError(QflowError, ValueError):
-    """A setting or argument has a value qflow cannot work with."""
+    """A setting or argument has a value qflow cannot work with (settings, options, names, the Redis URL)."""
 
 
 class PayloadError(QflowError, ValueError):
@@ -55,33 +66,50 @@ class UnknownJobName(QflowError, LookupError):
     """``add`` named a job no processor is registered for on that queue."""
 
 
-class BrokerUnavailable(QflowError, ConnectionError):
+class BrokerError(QflowError):
+    """Redis (the broker) could not do what was asked: unreachable, full, or holding another data layout."""
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
     """Redis could not be reached, or did not answer within the socket timeout."""
 
 
-class BrokerFull(QflowError):
+class BrokerFull(BrokerError):
     """Redis refused a write because it reached ``maxmemory`` (policy ``noeviction``); nothing was written.
 
     Free memory (let workers drain the queues, lower retention) or raise ``maxmemory``; retry later.
     """
 
 
-class SchemaMismatch(QflowError):
+class SchemaMismatch(BrokerError):
     """The queue's keys were written by a qflow with an incompatible data layout."""
 
 
-class JobNotFound(QflowError, LookupError):
+class JobError(QflowError):
+    """An error about one job; ``job_id`` names it (``None`` only where no id was known)."""
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle (a process pool, a multiprocessing queue) rebuilds from the message and the attributes:
+        # the default would call __init__ with the message only, losing job_id (and failing for JobFailed).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class JobNotFound(JobError, LookupError):
     """No job has that id: it was never added, or it was trimmed by result retention."""
 
 
-class JobFailed(QflowError):
+class JobFailed(JobError):
     """The job ended in the ``failed`` state; ``kind``, ``error_type``, ``message``, ``traceback`` say why."""
 
     def __init__(
         self, job_id: str, error_type: str, message: str, traceback: str, *, kind: str = "error"
     ) -> None:
-        super().__init__(f"job {job_id} failed: {error_type}: {message}")
-        self.job_id = job_id
+        super().__init__(f"job {job_id} failed: {error_type}: {message}", job_id=job_id)
+        self.job_id: str = job_id
         self.kind = kind
         """Why, in one word: error, timeout, stalled, payload, unknown_name or result."""
         self.error_type = error_type
@@ -89,18 +117,31 @@ class JobFailed(QflowError):
         self.traceback = traceback
 
 
-class ResultTimeout(QflowError, TimeoutError):
-    """``Job.result(timeout=...)`` returned before the job finished."""
+class ResultTimeout(JobError, TimeoutError):
+    """``Job.result(timeout=...)`` returned before the job finished (the job itself goes on)."""
 
 
 class Retry(Exception):
     """Raise from a processor to schedule another attempt after ``delay`` seconds.
 
     It spends an attempt like any error; when no attempts are left the job fails with this exception.
+    A ``delay`` that is negative or not a finite number raises ``ConfigurationError``.
     """
 
     def __init__(self, delay: float = 0.0, reason: str = "") -> None:
-        if delay < 0:
-            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        if (
+            not isinstance(delay, int | float)
+            or isinstance(delay, bool)
+            or not math.isfinite(delay)
+            or delay < 0
+        ):
+            raise ConfigurationError(f"Retry delay must be a finite number >= 0 (seconds), got {delay!r}")
         super().__init__(reason or f"retry requested (delay {delay}s)")
         self.delay = float(delay)
+
+
+def _rebuild(cls: type[JobError], args: tuple[Any, ...], state: dict[str, Any]) -> JobError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
