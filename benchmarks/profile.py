@@ -95,18 +95,18 @@ async def pickup(url: str, n: int) -> None:
     """Pickup latency of an idle worker at about 500 jobs/s, split where the worker sees the job.
 
     Stamps (``time.perf_counter``, one process): before ``add``; ``add`` returned; the claim reply reached
-    ``Worker._start`` (wrapped here); the handler began. Run for the default and ``claim_behind_wait``.
+    ``Lanes.start`` (wrapped here); the handler began. Run for the default and ``claim_behind_wait``.
     """
-    from qflow._worker import worker as _worker
+    from qflow._worker import lanes as _lanes
 
     claimed: dict[str, float] = {}
-    real_start = _worker.Worker._start
+    real_start = _lanes.Lanes.start
 
     def start(self: Any, r: Any, d: Any) -> None:
         claimed[d.id] = time.perf_counter()
         real_start(self, r, d)
 
-    _worker.Worker._start = start  # type: ignore[method-assign]  # a measuring hook, this process only
+    _lanes.Lanes.start = start  # type: ignore[method-assign]  # a measuring hook, this process only
     for behind in (False, True):
         rows = await _pickup_once(url, n, behind, claimed)
         print(f"claim_behind_wait={behind}: microseconds after the producer called add() (p50 / p99)")

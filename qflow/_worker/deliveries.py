@@ -1,11 +1,27 @@
-"""What a worker holds for each queue and each claimed job: slots, lanes, deliveries.
+"""What a worker holds for each claimed job and each queue: a delivery's states, lanes, slots.
 
-``_worker.py`` runs the loop; this module holds its per-queue and per-job state.
+A *delivery* is one claim of one job by this worker, fenced by the claim's token. Its lifecycle is data, in
+the style of h11's ``_state.py``: ``DeliveryState`` says where a delivery is, ``MOVES`` lists every move the
+worker makes, and ``Delivery.move`` is the only way to change state (a move not in the table raises
+``IllegalMove``). A job that runs and completes goes claimed -> running -> acking -> done (queued first if
+every lane of its processor is busy). The whole table (a unit test holds this list to ``MOVES``)::
+
+    claimed   -> queued, running, lost, releasing
+    queued    -> running, lost, releasing
+    running   -> acking, lost, releasing, done
+    acking    -> done
+    lost      -> done
+    releasing -> released
+
+``CancelReason`` names why the worker takes a job away from its handler; each reason is the state it leads to.
+The rest of this module is the per-queue bookkeeping around deliveries: ``QueueRunner`` (deliveries in flight,
+acks on their way), ``LaneState`` (one processor's lanes) and ``Slots`` (the claim budget).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,10 +35,148 @@ if TYPE_CHECKING:
     from .._codec import Envelope
     from .._queue import Queue
 
-__all__ = ("Delivery", "Lanes", "QueueRunner", "Slots")
+__all__ = (
+    "CANCELLABLE",
+    "MOVES",
+    "TERMINAL",
+    "CancelReason",
+    "Delivery",
+    "DeliveryState",
+    "IllegalMove",
+    "LaneState",
+    "QueueRunner",
+    "Slots",
+)
 
 
-class Lanes:
+class DeliveryState(enum.Enum):
+    """Where one delivery is in this worker.
+
+    - ``CLAIMED``: claimed (its id is in ``active`` under this worker's lease), handed to a lane or a one-off
+      task that has not begun it yet
+    - ``QUEUED``: claimed ahead, waiting in line for a free lane of its processor
+    - ``RUNNING``: its handler runs in a lane (or its rejection, for an unknown name or a bad envelope)
+    - ``ACKING``: its outcome (complete, fail or retry) is on its way to Redis; neither a lost renewal (the
+      ack took the token) nor a stop cancels it
+    - ``LOST``: its lease was lost (expired, or recovered by another worker): its handler is cancelled and its
+      outcome is not this worker's to record
+    - ``RELEASING``: cancelled at a stop (unstarted, or past the drain timeout): the drain hands the job back
+      to waiting without spending an attempt
+    - ``RELEASED`` (final): handed back (or, if Redis was unreachable, left to its lease's expiry)
+    - ``DONE`` (final): finished here: its outcome recorded or refused as stale; or forgotten after a loss,
+      or with nothing recorded (an internal error, or acks closed at the end of a stop: the lease expires)
+    """
+
+    CLAIMED = "claimed"
+    QUEUED = "queued"
+    RUNNING = "running"
+    ACKING = "acking"
+    LOST = "lost"
+    RELEASING = "releasing"
+    RELEASED = "released"
+    DONE = "done"
+
+    # Members are singletons compared by identity; Enum's own hash is a Python-level hash(name), about
+    # 0.2 µs a call on 3.11 (measured), and every move hashes twice.
+    __hash__ = object.__hash__
+
+
+# Module-level names for the hot path: an Enum attribute lookup costs about 0.2 µs on 3.11, a global next to
+# nothing (measured), and a job makes three moves.
+CLAIMED = DeliveryState.CLAIMED
+QUEUED = DeliveryState.QUEUED
+RUNNING = DeliveryState.RUNNING
+ACKING = DeliveryState.ACKING
+LOST = DeliveryState.LOST
+RELEASING = DeliveryState.RELEASING
+RELEASED = DeliveryState.RELEASED
+DONE = DeliveryState.DONE
+
+MOVES: dict[DeliveryState, frozenset[DeliveryState]] = {
+    CLAIMED: frozenset({QUEUED, RUNNING, LOST, RELEASING}),
+    QUEUED: frozenset({RUNNING, LOST, RELEASING}),
+    RUNNING: frozenset({ACKING, LOST, RELEASING, DONE}),
+    ACKING: frozenset({DONE}),
+    LOST: frozenset({DONE}),
+    RELEASING: frozenset({RELEASED}),
+    RELEASED: frozenset(),
+    DONE: frozenset(),
+}
+"""State -> the states a delivery may move to from it (every move the worker makes is a row here)."""
+
+TERMINAL = frozenset(s for s, exits in MOVES.items() if not exits)
+"""States a delivery never leaves."""
+
+CANCELLABLE = frozenset({CLAIMED, QUEUED, RUNNING})
+"""States a cancel moves out of (into LOST or RELEASING): not yet acking, not already cancelled."""
+
+
+class CancelReason(enum.Enum):
+    """Why the worker takes a job away from its handler; the value is the state the delivery moves to."""
+
+    LOST = DeliveryState.LOST
+    """Its lease is gone (a renewal said so): another delivery may own the job now."""
+    RELEASE = DeliveryState.RELEASING
+    """The worker stops: the job goes back to waiting, attempt unspent."""
+
+
+class IllegalMove(RuntimeError):
+    """A delivery was asked to make a move ``MOVES`` does not allow (a bug in the worker)."""
+
+
+class Delivery:
+    """One claimed job in this process: its id, fencing token, raw envelope, state and handler task."""
+
+    __slots__ = (
+        "ack", "attempts", "env", "envelope", "holds_slot", "id", "raw", "stalls", "state", "task", "token",
+    )  # fmt: skip
+
+    def __init__(self, job: Claimed) -> None:
+        # Ids go back to Redis as the exact bytes the claim returned: a raw write can make an id that is not
+        # UTF-8, and it must neither crash the worker nor address another job.
+        self.raw = job.id
+        self.id = job.id.decode("utf-8", "surrogateescape")
+        self.token = job.token
+        self.envelope = job.envelope
+        self.attempts = job.attempts
+        self.stalls = job.stalls
+        self.state = CLAIMED
+        self.env: Envelope | None = None
+        """The decoded envelope, once a lane may run it."""
+        self.task: asyncio.Task[Any] | None = None
+        """The task running the handler, while it runs (a lane runs many jobs one after another)."""
+        self.ack: asyncio.Future[bool] | None = None
+        """The completion on its way to Redis once the handler returned (its callback finishes ``self``)."""
+        self.holds_slot = True  # counted in Slots.held until the handler finishes (given back exactly once)
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.id!r} {self.state.value}>"
+
+    def move(self, to: DeliveryState) -> None:
+        """Move to ``to``; raise ``IllegalMove`` if ``MOVES`` has no such move."""
+        if to not in MOVES[self.state]:
+            raise IllegalMove(f"{self!r}: no move {self.state.value} -> {to.value}")
+        self.state = to
+
+    def cancel(self, reason: CancelReason) -> bool:
+        """Take the job away from its handler; False if it is not this worker's to cancel (acking or final).
+
+        A delivery that has not begun will not start; a running handler is cancelled. One already cancelled
+        keeps its first reason (a job lost while being released stays lost), and its handler is cancelled
+        again: it may have swallowed the first cancellation.
+        """
+        state = self.state
+        if state in CANCELLABLE:
+            self.move(reason.value)
+        elif state is not LOST and state is not RELEASING:
+            return False
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+        return True
+
+
+class LaneState:
     """The lanes of one processor in one worker: at most ``limit`` tasks, each running jobs one after another.
 
     ``limit`` is the processor's concurrency. A claimed job goes to a new lane while fewer than ``limit``
@@ -109,34 +263,6 @@ class Slots:
         self.average = seconds if avg is None else avg + (seconds - avg) * 0.1
 
 
-class Delivery:
-    """One claimed job in this process: its id, fencing token, raw envelope and handler task."""
-
-    __slots__ = (
-        "ack", "attempts", "cancel_reason", "env", "envelope", "finishing", "holds_slot", "id", "raw",
-        "stalls", "started", "task", "token",
-    )  # fmt: skip
-
-    def __init__(self, job: Claimed) -> None:
-        # Ids go back to Redis as the exact bytes the claim returned: a raw write can make an id that is not
-        # UTF-8, and it must neither crash the worker nor address another job.
-        self.raw = job.id
-        self.id = job.id.decode("utf-8", "surrogateescape")
-        self.token = job.token
-        self.envelope = job.envelope
-        self.attempts = job.attempts
-        self.stalls = job.stalls
-        self.task: asyncio.Task[Any] | None = None
-        """The task running the handler, while it runs (a lane runs many jobs one after another)."""
-        self.env: Envelope | None = None
-        self.ack: asyncio.Future[bool] | None = None
-        """The completion on its way to Redis, once the handler returned."""
-        self.cancel_reason: str | None = None
-        self.finishing = False  # an ack (complete/fail/retry) is on its way: a renewal may race with it
-        self.started = False  # a lane took it: a drain lets it finish (jobs still in line are released)
-        self.holds_slot = True  # counted in Slots.held until the handler finishes
-
-
 class QueueRunner:
     """Per-queue state of a worker: processors, slots, deliveries in flight, pending acks."""
 
@@ -146,10 +272,12 @@ class QueueRunner:
         self.concurrency = {
             name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
         }
-        self.lanes = {name: Lanes(n) for name, n in self.concurrency.items()}
+        self.lanes = {name: LaneState(n) for name, n in self.concurrency.items()}
         self.limiters = {name: anyio.CapacityLimiter(n) for name, n in self.concurrency.items()}
         self.slots = Slots(sum(self.concurrency.values()), prefetch_window)
         self.in_flight: dict[str, Delivery] = {}
+        """Job id -> its delivery here. A job can come back while an earlier delivery of it still runs here
+        (its lease was lost and its handler ignored the cancel): the newer delivery takes the entry."""
         self.tasks: set[asyncio.Task[None]] = set()
         """Lanes and one-off tasks running handlers or recording failures."""
         self.pending_acks: list[tuple[Delivery, bytes, asyncio.Future[bool]]] = []
@@ -163,10 +291,27 @@ class QueueRunner:
 
     def running(self) -> int:
         """Jobs whose handler runs now: at most the processors' lanes (an ack on its way is not counted)."""
-        return sum(1 for d in self.in_flight.values() if d.task is not None and not d.finishing)
+        return sum(1 for d in self.in_flight.values() if d.task is not None and d.state is not ACKING)
 
     def free_slot(self, d: Delivery) -> None:
         """The handler of ``d`` is done: its slot may take the next job while the ack is on its way."""
         if d.holds_slot:
             d.holds_slot = False
             self.slots.give(1)
+
+    def forget(self, d: Delivery) -> None:
+        """Drop ``d`` from the deliveries in flight (unless a newer delivery of its job took the entry)."""
+        if self.in_flight.get(d.id) is d:
+            del self.in_flight[d.id]
+        self.free_slot(d)
+
+    def finish(self, d: Delivery) -> None:
+        """``d``'s work here is over: it is done and forgotten, or (releasing) kept for the drain."""
+        state = d.state
+        if state is not RELEASING and state is not RELEASED:
+            d.move(DONE)
+            if self.in_flight.get(d.id) is d:
+                del self.in_flight[d.id]
+        self.free_slot(d)
+        if not self.in_flight:
+            self.idle.set()

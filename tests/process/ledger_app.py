@@ -202,13 +202,13 @@ class LedgerLogHandler(logging.Handler):
 def install_crash_point(point: str, ledger: LedgerWriter) -> None:
     """Make this process SIGKILL itself at ``point`` (one of ``CRASH_POINTS``), the first time it is reached.
 
-    No change to the engine: ``after_claim`` wraps ``Worker._start`` (called for each job of a claim reply,
+    No change to the engine: ``after_claim`` wraps ``Lanes.start`` (called for each job of a claim reply,
     in one synchronous loop) and kills from a callback queued before the first handler task can run, so
     every job of the batch is claimed and none has started; ``before_ack`` and ``after_ack`` wrap the
     broker's ``complete`` (``qflow._broker.scripts.complete``), which the worker calls for every ack batch.
     """
     from qflow._broker import scripts
-    from qflow._worker import worker as _worker
+    from qflow._worker import lanes as _lanes
 
     if point not in CRASH_POINTS:
         raise ValueError(f"unknown crash point {point!r}: one of {CRASH_POINTS}")
@@ -219,7 +219,7 @@ def install_crash_point(point: str, ledger: LedgerWriter) -> None:
 
     if point == "after_claim":
         claimed: list[str] = []
-        real_start = _worker.Worker._start
+        real_start = _lanes.Lanes.start
 
         def start(self: Any, r: Any, d: Any) -> None:
             if not claimed:
@@ -227,7 +227,7 @@ def install_crash_point(point: str, ledger: LedgerWriter) -> None:
             claimed.append(d.id)
             real_start(self, r, d)
 
-        _worker.Worker._start = start  # type: ignore[method-assign]  # a test-only hook
+        _lanes.Lanes.start = start  # type: ignore[method-assign]  # a test-only hook
         return
 
     real_complete = scripts.complete
