@@ -68,8 +68,7 @@ def test_wheel_holds_every_module_lua_script_and_py_typed(dists: tuple[Path, Pat
     files = wheel_files(wheel)
     expected = source_files(REPO_ROOT)
     assert "qflow/py.typed" in files
-    lua_dir = REPO_ROOT / "qflow" / "_broker" / "lua"
-    lua = {p.relative_to(REPO_ROOT).as_posix() for p in lua_dir.glob("*.lua")}
+    lua = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "qflow").rglob("*.lua")}
     assert lua, "no Lua scripts found in the source tree"
     assert lua <= files, sorted(lua - files)
     assert files == expected, f"missing: {sorted(expected - files)}; unexpected: {sorted(files - expected)}"
