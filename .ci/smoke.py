@@ -77,7 +77,7 @@ def check_installed_files(source: Path | None) -> None:
 
 async def run_one_job() -> None:
     async with app:
-        job = await greet.enqueue(Greeting(name="wheel"))
+        job = await greet.add(Greeting(name="wheel"))
         await asyncio.wait_for(app.run_worker(burst=True), timeout=60)
         result = await job.result(timeout=10)
         if result != "hello, wheel":

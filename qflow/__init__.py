@@ -7,8 +7,9 @@ many jobs one process runs at once; processes are how many of those run side by 
 from ._admin import JobInfo as JobInfo
 from ._admin import RetryReport as RetryReport
 from ._app import App as App
+from ._job import Job as Job
+from ._options import JobOptions as JobOptions
 from ._processor import Processor as Processor
-from ._queue import Job as Job
 from ._queue import JobSpec as JobSpec
 from ._queue import Queue as Queue
 from ._settings import RetentionSettings as RetentionSettings
@@ -43,6 +44,7 @@ __all__ = (
     "JobFailed",
     "JobInfo",
     "JobNotFound",
+    "JobOptions",
     "JobSpec",
     "PayloadError",
     "PayloadTooLarge",

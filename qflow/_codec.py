@@ -1,8 +1,9 @@
 """msgspec encoding of job envelopes, payloads, results and errors. Encoders and decoders are built once.
 
 A job is stored as an ``Envelope`` (msgpack, array-like): the processor name, the payload as raw msgpack
-bytes, and per-job option overrides. The payload stays raw inside the envelope so the worker can decode it
-with the processor's own typed decoder, and so a broken payload fails that job only.
+bytes, and the job's option overrides (``JobOptions``, stored flat). The payload stays raw inside the
+envelope so the worker can decode it with the processor's own typed decoder, and so a broken payload fails
+that job only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
+from ._options import NO_OPTIONS, JobOptions
 from ._state import Backoff
 from .exceptions import PayloadError, PayloadTooLarge
 
@@ -30,13 +32,29 @@ DECODE_ERRORS: Final = (
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
-    """What ``add`` stores: name, raw payload bytes, option overrides (None = processor default)."""
+    """What ``add`` stores: name, raw payload bytes, the job's ``JobOptions`` overrides (None = inherit).
+
+    The options are stored flat, as the last three items of the array, so envelopes written before
+    ``JobOptions`` existed read the same (the stored format is unchanged); ``options`` gathers them.
+    """
 
     name: str
     payload: msgspec.Raw
     attempts: int | None = None
     timeout: float | None = None
     backoff: Backoff | None = None
+
+    @classmethod
+    def of(cls, name: str, payload: bytes, options: JobOptions) -> Envelope:
+        """The envelope of a job called ``name`` with encoded ``payload`` and per-job ``options``."""
+        return cls(name, msgspec.Raw(payload), options.attempts, options.timeout, options.backoff)
+
+    @property
+    def options(self) -> JobOptions:
+        """The job's overrides of its processor's options (``NO_OPTIONS`` when it sets none)."""
+        if self.attempts is None and self.timeout is None and self.backoff is None:
+            return NO_OPTIONS
+        return JobOptions(attempts=self.attempts, timeout=self.timeout, backoff=self.backoff)
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -102,9 +120,13 @@ def encode_envelope(env: Envelope) -> bytes:
 def decode_envelope(data: bytes) -> Envelope:
     """Decode an envelope; raises ``PayloadError`` on any malformed input."""
     try:
-        return _envelope_decoder.decode(data)
+        env = _envelope_decoder.decode(data)
+        # Range-checked here (a ConfigurationError is a ValueError), so a bad stored option fails its job
+        # like a bad payload does, before any worker runs it.
+        _ = env.options
     except DECODE_ERRORS as exc:
         raise PayloadError(f"job envelope cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    return env
 
 
 def encode_error(info: ErrorInfo) -> bytes:

@@ -1,9 +1,10 @@
-"""``Processor``: what ``@queue.processor`` returns — metadata about a handler, and its typed ``enqueue``."""
+"""``Processor``: what ``@queue.processor`` returns — metadata about a handler, and its typed ``add``."""
 
 from __future__ import annotations
 
 import inspect
 import typing
+import warnings
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -11,11 +12,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from ._codec import DECODE_ERRORS, encode_payload
+from ._job import Job
+from ._options import DEFAULT_ATTEMPTS, JobOptions, job_options
 from ._state import Backoff
 from .exceptions import ConfigurationError, PayloadError
 
 if TYPE_CHECKING:
-    from ._queue import Job, Queue
+    from ._queue import Queue
 
 __all__ = ("Processor",)
 
@@ -29,8 +32,8 @@ class Processor(Generic[T, R]):
     """A registered handler for jobs called ``name`` on ``queue``.
 
     Declaring one records metadata only. ``concurrency`` bounds how many of these jobs run at once in one
-    worker process; ``timeout`` (seconds) cancels a run that takes longer; ``attempts`` is the total number
-    of runs a job gets when its handler raises, spaced by ``backoff``.
+    worker process; ``options`` (a ``JobOptions``: ``attempts``, ``timeout``, ``backoff``) are the defaults
+    each job runs with unless it overrides them at ``add``.
     """
 
     def __init__(
@@ -40,30 +43,39 @@ class Processor(Generic[T, R]):
         *,
         name: str,
         concurrency: int,
-        timeout: float | None,
-        attempts: int,
-        backoff: Backoff | None,
+        options: JobOptions,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"processor must be a function, got {fn!r}")
-        if not isinstance(concurrency, int) or concurrency < 1:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        if not isinstance(attempts, int) or attempts < 1:
-            raise ConfigurationError(f"attempts must be an int >= 1, got {attempts!r}")
+        if not isinstance(options, JobOptions):
+            raise ConfigurationError(f"options must be a qflow.JobOptions, got {options!r}")
         self.queue = queue
         self.fn = fn
         self.name = name
         self.concurrency = concurrency
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff = backoff
+        self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self._payload_type: Any = _UNSET
         self._decoder: msgspec.msgpack.Decoder[Any] | None = None
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
+
+    @property
+    def attempts(self) -> int:
+        """Total runs a job gets when its handler raises, unless it overrides it (``options.attempts``)."""
+        return DEFAULT_ATTEMPTS if self.options.attempts is None else self.options.attempts
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a run may take before it is cancelled (``options.timeout``); ``None``: no limit."""
+        return self.options.timeout
+
+    @property
+    def backoff(self) -> Backoff | None:
+        """Retry spacing set on this processor (``options.backoff``); ``None``: qflow's default backoff."""
+        return self.options.backoff
 
     def __repr__(self) -> str:
         return f"<qflow.Processor {self.queue.name}:{self.name} concurrency={self.concurrency}>"
@@ -109,6 +121,33 @@ class Processor(Generic[T, R]):
         data = encode_payload(value, limit=self.queue.app.max_payload_bytes, what=what)
         return typing.cast("T", value), data
 
+    async def add(
+        self,
+        payload: T,
+        *,
+        job_id: str | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        attempts: int | None = None,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        options: JobOptions | None = None,
+    ) -> Job[T]:
+        """Add a job for this processor: the typed twin of ``queue.add(name, payload, ...)``.
+
+        mypy and pyright check ``payload`` against the handler's ``Job[X]``; the arguments are as for
+        ``Queue.add``.
+        """
+        job = await self.queue.add(
+            self.name,
+            payload,
+            job_id=job_id,
+            delay=delay,
+            run_at=run_at,
+            options=job_options(options, attempts=attempts, timeout=timeout, backoff=backoff),
+        )
+        return typing.cast("Job[T]", job)
+
     async def enqueue(
         self,
         payload: T,
@@ -119,10 +158,15 @@ class Processor(Generic[T, R]):
         attempts: int | None = None,
         timeout: float | None = None,
         backoff: Backoff | None = None,
+        options: JobOptions | None = None,
     ) -> Job[T]:
-        """Add a job for this processor: the typed twin of ``queue.add(name, payload, ...)``."""
-        job = await self.queue.add(
-            self.name,
+        """Deprecated: the old name of ``add`` (one verb for enqueueing); emits ``DeprecationWarning``."""
+        warnings.warn(
+            "Processor.enqueue() is deprecated, use Processor.add() (same arguments)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return await self.add(
             payload,
             job_id=job_id,
             delay=delay,
@@ -130,8 +174,8 @@ class Processor(Generic[T, R]):
             attempts=attempts,
             timeout=timeout,
             backoff=backoff,
+            options=options,
         )
-        return typing.cast("Job[T]", job)
 
     async def run(self, job: Job[T]) -> R:
         """Call the handler directly in this coroutine (no queue, no worker): handy in unit tests.
@@ -146,8 +190,6 @@ class Processor(Generic[T, R]):
 
 
 def _payload_type_of(fn: Callable[..., Any]) -> Any:
-    from ._queue import Job
-
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:

@@ -1,4 +1,7 @@
-"""The producer side: ``Queue`` (add, add_bulk, counts) and the ``Job`` handle (status, result)."""
+"""The producer side: ``Queue`` (``processor`` to declare, ``add``/``add_bulk`` to enqueue, counts).
+
+The ``Job`` handle lives in ``_job``; job options (attempts, timeout, backoff) in ``_options``.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +10,26 @@ import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import msgspec
 
 from . import _admin, _codec
-from ._broker import commands, scripts
+from ._broker import scripts
 from ._broker.errors import is_timeout, translated
 from ._broker.keys import QueueKeys
+from ._job import Job
+from ._options import JobOptions, job_options
 from ._processor import Processor
-from ._state import Backoff, State
-from .exceptions import (
-    BrokerUnavailable,
-    ConfigurationError,
-    JobFailed,
-    JobNotFound,
-    ResultTimeout,
-    UnknownJobName,
-)
+from ._settings import check_number
+from ._state import Backoff
+from .exceptions import BrokerUnavailable, ConfigurationError, UnknownJobName
 
 if TYPE_CHECKING:
     from ._app import App
     from ._settings import RetentionSettings
 
-__all__ = ("Job", "JobSpec", "Queue")
+__all__ = ("Job", "JobSpec", "Queue")  # Job: re-exported for callers not yet importing it from _job
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +38,11 @@ _ADD_CHUNK = 500  # jobs per add script call in add_bulk: bounds the time one sc
 
 
 class JobSpec(msgspec.Struct, frozen=True):
-    """One job for ``Queue.add_bulk``: the same fields as ``Queue.add``'s arguments."""
+    """One job for ``Queue.add_bulk``: the same fields as ``Queue.add``'s arguments.
+
+    ``attempts``, ``timeout`` and ``backoff`` win over the same fields of ``options``. Checked by
+    ``add_bulk``, not here, so one bad spec raises before anything of the batch is written.
+    """
 
     name: str
     payload: Any = None
@@ -49,76 +52,7 @@ class JobSpec(msgspec.Struct, frozen=True):
     attempts: int | None = None
     timeout: float | None = None
     backoff: Backoff | None = None
-
-
-class Job(Generic[T]):
-    """A handle on one job. Producers get it from ``add``; processors receive it as their argument.
-
-    ``payload`` is the validated payload (a typed processor's Struct, or plain data). In a processor,
-    ``attempt`` is the number of this run (1 = first) and ``stalls`` how many times the job was recovered
-    from a dead worker.
-    """
-
-    __slots__ = ("attempt", "id", "name", "payload", "queue", "stalls")
-
-    def __init__(
-        self, queue: Queue, id: str, name: str, payload: T, *, attempt: int = 0, stalls: int = 0
-    ) -> None:
-        self.queue = queue
-        self.id = id
-        self.name = name
-        self.payload = payload
-        self.attempt = attempt
-        self.stalls = stalls
-
-    def __repr__(self) -> str:
-        return f"<qflow.Job {self.queue.name}:{self.name} id={self.id}>"
-
-    async def status(self) -> State | None:
-        """The job's current state, or ``None`` if no such job exists (never added, or trimmed)."""
-        client = self.queue.app.redis()
-        with translated("HGET state"):
-            raw = await client.hget(self.queue.keys.state, self.id)
-        return None if raw is None else State(_text(raw))
-
-    async def result(self, timeout: float | None = None) -> Any:
-        """Wait for the job to finish and return its result.
-
-        Raises ``JobFailed`` if it failed, ``ResultTimeout`` after ``timeout`` seconds (``None``: wait
-        forever), ``JobNotFound`` if there is no such job. Waiting blocks on the server; it does not poll.
-        """
-        app = self.queue.app
-        client = app.redis()
-        keys = self.queue.keys
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        notify = keys.notify(self.id)
-        # A blocking call must return before the socket timeout fires; recovery by the stalled-job checker
-        # does not notify, so re-reading every few seconds also bounds how late such a failure is seen.
-        chunk = max(0.05, min(2.0, app.socket_timeout - 1.0))
-        while True:
-            state, data = await scripts.watch(client, keys, self.id)
-            if state is None:
-                raise JobNotFound(f"no job {self.id!r} in queue {self.queue.name!r}")
-            if state == "completed":
-                return _codec.decode_any(data) if data is not None else None
-            if state == "failed":
-                info = (
-                    _codec.decode_error(data)
-                    if data is not None
-                    else _codec.ErrorInfo(type="Unknown", message="no error recorded")
-                )
-                raise JobFailed(self.id, info.type, info.message, info.traceback, kind=info.kind)
-            wait = chunk
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ResultTimeout(
-                        f"job {self.id} in queue {self.queue.name!r} not finished after {timeout}s "
-                        f"(state: {state})"
-                    )
-                wait = min(wait, remaining)
-            await commands.wait_for_push(client, notify, wait)
+    options: JobOptions | None = None
 
 
 class Queue:
@@ -159,9 +93,10 @@ class Queue:
         *,
         name: str | None = None,
         concurrency: int = 1,
+        attempts: int | None = None,
         timeout: float | None = None,
-        attempts: int = 1,
         backoff: Backoff | None = None,
+        options: JobOptions | None = None,
     ) -> _Decorator: ...
 
     def processor(
@@ -171,16 +106,21 @@ class Queue:
         *,
         name: str | None = None,
         concurrency: int = 1,
+        attempts: int | None = None,
         timeout: float | None = None,
-        attempts: int = 1,
         backoff: Backoff | None = None,
+        options: JobOptions | None = None,
     ) -> Processor[Any, Any] | _Decorator:
         """Declare the handler for jobs called ``name`` (default: the function's name) on this queue.
 
-        Use bare (``@queue.processor``) or with options (``@queue.processor(concurrency=5)``). ``async def``
-        handlers run on the worker's event loop; plain ``def`` handlers run in a thread, never on the loop.
-        Declaring starts nothing: a worker process runs the processors.
+        Use bare (``@queue.processor``) or with options (``@queue.processor(concurrency=5, attempts=3)``).
+        ``concurrency`` bounds how many of its jobs one worker process runs at once. ``attempts`` (default 1),
+        ``timeout`` (seconds, default none) and ``backoff`` are the defaults its jobs run with (see
+        ``qflow.JobOptions``; give them as keywords or as ``options=``); ``add`` may override them per job.
+        ``async def`` handlers run on the worker's event loop; plain ``def`` handlers run in a thread, never
+        on the loop. Declaring starts nothing: a worker process runs the processors.
         """
+        defaults = job_options(options, attempts=attempts, timeout=timeout, backoff=backoff)
 
         def register(f: Callable[[Job[Any]], Any]) -> Processor[Any, Any]:
             job_name = name or getattr(f, "__name__", None)
@@ -189,13 +129,7 @@ class Queue:
             if job_name in self.processors:
                 raise ConfigurationError(f"queue {self.name!r} already has a processor named {job_name!r}")
             proc: Processor[Any, Any] = Processor(
-                self,
-                f,
-                name=job_name,
-                concurrency=concurrency,
-                timeout=timeout,
-                attempts=attempts,
-                backoff=backoff,
+                self, f, name=job_name, concurrency=concurrency, options=defaults
             )
             self.processors[job_name] = proc
             return proc
@@ -224,16 +158,14 @@ class Queue:
         job_id = spec.job_id if spec.job_id is not None else secrets.token_hex(10)
         if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
             raise ConfigurationError(f"job_id must be a non-empty str of <= 256 chars, got {job_id!r}")
-        if spec.attempts is not None and (not isinstance(spec.attempts, int) or spec.attempts < 1):
-            raise ConfigurationError(f"attempts must be an int >= 1, got {spec.attempts!r}")
-        if spec.timeout is not None and (not _is_number(spec.timeout) or spec.timeout <= 0):
-            raise ConfigurationError(f"timeout must be a number > 0 (seconds), got {spec.timeout!r}")
+        options = job_options(
+            spec.options, attempts=spec.attempts, timeout=spec.timeout, backoff=spec.backoff
+        )
         if spec.delay is not None and spec.run_at is not None:
             raise ConfigurationError("give delay= or run_at=, not both")
         delay_ms = 0
         if spec.delay is not None:
-            if not _is_number(spec.delay) or spec.delay < 0:
-                raise ConfigurationError(f"delay must be a number >= 0 (seconds), got {spec.delay!r}")
+            check_number("delay", spec.delay, ge=0, unit="seconds")
             delay_ms = int(spec.delay * 1000)
         run_at_ms = 0
         if spec.run_at is not None:
@@ -242,15 +174,7 @@ class Queue:
             if spec.run_at.tzinfo is None:
                 raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
             run_at_ms = int(spec.run_at.timestamp() * 1000)
-        envelope = _codec.encode_envelope(
-            _codec.Envelope(
-                name=spec.name,
-                payload=msgspec.Raw(data),
-                attempts=spec.attempts,
-                timeout=spec.timeout,
-                backoff=spec.backoff,
-            )
-        )
+        envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
         return Job(self, job_id, spec.name, payload), scripts.NewJob(job_id, envelope, delay_ms, run_at_ms)
 
     async def add(
@@ -264,15 +188,19 @@ class Queue:
         attempts: int | None = None,
         timeout: float | None = None,
         backoff: Backoff | None = None,
+        options: JobOptions | None = None,
     ) -> Job[Any]:
         """Enqueue one job; when this returns, the job is in Redis (one round trip).
 
         ``job_id`` makes the call idempotent: while a job with that id exists, adding it again returns a
         handle on the existing job. ``delay`` (seconds) or ``run_at`` (aware datetime) postpone it, timed by
-        the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` override the processor's defaults.
-        Invalid input raises before anything is written.
+        the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` (or ``options=JobOptions(...)``;
+        keywords win over its fields) override the processor's defaults for this job. Invalid input raises
+        ``ConfigurationError`` or ``PayloadError`` before anything is written.
         """
-        job, new = self._prepare(JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff))
+        job, new = self._prepare(
+            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff, options)
+        )
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
@@ -437,7 +365,3 @@ class _Decorator:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -28,11 +28,11 @@ async def remind(job: qflow.Job[str]) -> float:
 async def main() -> None:
     async with app:
         added_at = time.time()
-        soon = await remind.enqueue("abandoned cart, first nudge", delay=0.5)
-        later = await remind.enqueue(
+        soon = await remind.add("abandoned cart, first nudge", delay=0.5)
+        later = await remind.add(
             "abandoned cart, second nudge", run_at=datetime.now(UTC) + timedelta(seconds=1)
         )
-        now = await remind.enqueue("order confirmation")
+        now = await remind.add("order confirmation")
         print("right after adding:", {job.payload: str(await job.status()) for job in (now, soon, later)})
         await app.run_worker(burst=True)  # a burst worker also waits for delayed jobs that are due soon
         for job in (now, soon, later):

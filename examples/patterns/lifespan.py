@@ -54,7 +54,7 @@ async def lifespan(_: Starlette) -> AsyncIterator[None]:
 
 async def upload(request: Request) -> JSONResponse:
     name = request.path_params["name"]
-    job = await make_thumbnail.enqueue(name)
+    job = await make_thumbnail.add(name)
     return JSONResponse({"job_id": job.id}, status_code=202)
 
 

@@ -51,9 +51,9 @@ async def always_broken(job: qflow.Job[None]) -> None:
 
 async def main() -> None:
     async with app:
-        webhook = await deliver_webhook.enqueue("https://example.com/hook")
-        limited = await call_rate_limited_api.enqueue("GET /v1/things")
-        broken = await always_broken.enqueue(None, attempts=2)  # this job only: 2 attempts, not 10
+        webhook = await deliver_webhook.add("https://example.com/hook")
+        limited = await call_rate_limited_api.add("GET /v1/things")
+        broken = await always_broken.add(None, attempts=2)  # this job only: 2 attempts, not 10
         await app.run_worker(burst=True)  # waits out the backoff delays, then returns
         print("webhook:", await webhook.result(timeout=1))
         print("rate-limited call:", await limited.result(timeout=1))

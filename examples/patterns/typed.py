@@ -4,7 +4,7 @@
 
 The annotation ``job: qflow.Job[Order]`` is the contract. ``add()`` checks every payload against it (and
 refuses with ``qflow.PayloadError`` before writing anything), the worker decodes straight into ``Order``,
-and ``processor.enqueue(...)`` is checked by mypy/pyright. Results come back as plain data (msgpack), so
+and ``processor.add(...)`` is checked by mypy/pyright. Results come back as plain data (msgpack), so
 turn them back into a type with ``msgspec.convert``.
 
 Evolving a payload type while old jobs are still queued: add fields with defaults; do not rename or retype
@@ -53,7 +53,7 @@ async def invoice(job: qflow.Job[Order]) -> Invoice:
 async def main() -> None:
     async with app:
         order = Order(order_id=1042, lines=[Line("mug", 2, 1250), Line("tea", 1, 899)], shipping="express")
-        job = await invoice.enqueue(order)  # typed: mypy rejects invoice.enqueue("not an order")
+        job = await invoice.add(order)  # typed: mypy rejects invoice.add("not an order")
         by_name = await orders.add(
             "invoice", {"order_id": 1043, "lines": [{"sku": "pot", "quantity": 1, "unit_cents": 3900}]}
         )

@@ -27,8 +27,8 @@ async def price_quote(job: qflow.Job[dict[str, float]]) -> float:
 
 async def main() -> None:
     async with app:
-        slow = await price_quote.enqueue({"amount": 100.0, "takes": 0.6})
-        bad = await price_quote.enqueue({"amount": -1.0})
+        slow = await price_quote.add({"amount": 100.0, "takes": 0.6})
+        bad = await price_quote.add({"amount": -1.0})
         # Stands in for `qflow worker examples.patterns.wait_result:app` running elsewhere.
         worker = asyncio.create_task(app.run_worker(burst=True))
 

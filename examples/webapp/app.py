@@ -76,7 +76,7 @@ async def create_user(request: Request) -> JSONResponse:
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         return JSONResponse({"error": str(exc)}, status_code=422)
     # ... store the user in your database here ...
-    job = await send_welcome.enqueue(user)
+    job = await send_welcome.add(user)
     return JSONResponse({"job_id": job.id, "status": f"/jobs/{job.id}"}, status_code=202)
 
 

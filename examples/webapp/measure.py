@@ -248,7 +248,7 @@ async def run_scenario(
             await wait_until(api_up, "the API to answer", procs)
             # A worker is up once a probe job completes; then every worker process must be running
             # heavy jobs before the clock starts, so no start-up work is measured.
-            probe = await send_welcome.enqueue(NewUser(email="probe@example.com", name="Probe"))
+            probe = await send_welcome.add(NewUser(email="probe@example.com", name="Probe"))
             await wait_until(lambda: _done(probe), "a worker to run a probe job", procs)
             if scenario.heavy_job:
                 await reports.add_bulk(

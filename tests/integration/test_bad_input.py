@@ -135,7 +135,7 @@ async def test_payload_over_small_limit_is_refused_and_nothing_written(redis_url
         before = await q.add("echo", b"x" * 98)
         with pytest.raises(qflow.PayloadTooLarge):
             await q.add("echo", b"x" * 99, job_id="big")
-        after = await echo.enqueue(b"y" * 10)
+        after = await echo.add(b"y" * 10)
         assert await q.job("big").status() is None
         await assert_counts(q, waiting=2)
 
@@ -162,7 +162,7 @@ async def test_payload_over_default_one_mib_is_refused_and_nothing_written(app: 
 
     exactly = await q.add("size", b"x" * (MIB - 5))
     with pytest.raises(qflow.PayloadTooLarge):
-        await size.enqueue(b"x" * (2 * MIB))
+        await size.add(b"x" * (2 * MIB))
     small = await q.add("size", b"ok")
     await assert_counts(q, waiting=2)
 
@@ -217,7 +217,7 @@ async def test_wrong_type_payload_for_struct_processor_is_refused_naming_the_fie
     before = await q.add("welcome", {"user_id": 1})
     with pytest.raises(qflow.PayloadError):
         await q.add("welcome", payload, job_id="bad")
-    after = await welcome.enqueue(Welcome(user_id=2))
+    after = await welcome.add(Welcome(user_id=2))
     assert await q.job("bad").status() is None
     await drain(app)
     assert [await before.result(timeout=5), await after.result(timeout=5)] == [1, 2]
@@ -523,9 +523,9 @@ async def test_unencodable_result_fails_the_job_with_kind_result(
         return job.payload
 
     async with running_worker(app):
-        before = await good.enqueue(1)
-        job = await bad.enqueue(None)
-        after = await good.enqueue(2)
+        before = await good.add(1)
+        job = await bad.add(None)
+        after = await good.add(2)
         failed, kind = await failure_of(job)
         assert [await before.result(timeout=10), await after.result(timeout=10)] == [1, 2]
 
@@ -549,9 +549,9 @@ async def test_result_over_max_payload_bytes_fails_the_job_with_kind_result(
             return "x" * job.payload
 
         async with running_worker(app):
-            before = await big.enqueue(10)
-            job = await big.enqueue(2000)
-            after = await big.enqueue(20)
+            before = await big.add(10)
+            job = await big.add(2000)
+            after = await big.add(20)
             failed, kind = await failure_of(job)
             assert await before.result(timeout=10) == "x" * 10
             assert await after.result(timeout=10) == "x" * 20

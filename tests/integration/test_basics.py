@@ -1,4 +1,4 @@
-"""The contract of issue #2's example: add by name, typed enqueue, result, status."""
+"""The contract of issue #2's example: add by name, typed twin (processor.add), result, status."""
 
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ async def test_add_by_name_runs_typed_processor_and_returns_result(app: qflow.Ap
 
 
 async def test_typed_enqueue_twin(app: qflow.App) -> None:
-    """``processor.enqueue`` takes the payload Struct and returns a job handle with the same payload."""
+    """``processor.add`` takes the payload Struct and returns a job handle with the same payload."""
     q = app.queue("email")
 
     @q.processor
     async def send_welcome(job: qflow.Job[Welcome]) -> int:
         return job.payload.user_id * 2
 
-    job = await send_welcome.enqueue(Welcome(user_id=21))
+    job = await send_welcome.add(Welcome(user_id=21))
     assert job.payload == Welcome(user_id=21)
     assert job.name == "send_welcome"
     await drain(app)

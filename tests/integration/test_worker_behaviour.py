@@ -469,7 +469,7 @@ async def test_every_kind_of_failure_is_logged_once_as_a_warning_in_one_form(
             "UnknownJobName": await pq.add("send_ghost", {"to": "nobody"}),
             "PayloadError": await pq.add("typed", "not an int"),
         }
-    result_job = await unencodable.enqueue(None)
+    result_job = await unencodable.add(None)
 
     worker = qflow.Worker(app, burst=True, settings=FAST)
     with caplog.at_level("INFO", logger="qflow"):

@@ -107,6 +107,8 @@ BAD_SETTINGS: dict[str, Callable[[], object]] = {
     "Backoff kind": lambda: qflow.Backoff(kind="linear"),  # type: ignore[arg-type]
     "Retry negative": lambda: qflow.Retry(delay=-1),
     "Retry nan": lambda: qflow.Retry(delay=float("nan")),
+    "JobOptions attempts": lambda: qflow.JobOptions(attempts=0),
+    "JobOptions timeout": lambda: qflow.JobOptions(timeout=float("inf")),
     "App max_payload_bytes": lambda: qflow.App("redis://x", max_payload_bytes=0),
     "App socket_timeout": lambda: qflow.App("redis://x", socket_timeout=0),
     "App prefix": lambda: qflow.App("redis://x", prefix="a{b}"),
@@ -114,6 +116,7 @@ BAD_SETTINGS: dict[str, Callable[[], object]] = {
     "processor concurrency": lambda: _processor(concurrency=0),
     "processor attempts": lambda: _processor(attempts=0),
     "processor timeout": lambda: _processor(timeout=-1),
+    "processor options": lambda: _processor(options={"attempts": 2}),
 }
 
 
