@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"qflow worker examples.quickstart:app -p {args.processes}"
     capacity = args.processes * CONCURRENCY
     print(f"qflow quickstart: {args.jobs} jobs for `{command}`")
-    print(f"server: {app.url}")  # resolves it now: starts the embedded server if it must (said on stderr)
+    print(f"server: {app.resolve_url()}")  # starts the embedded server if it must (said on stderr)
     embedded = server_for()
     log_path = embedded.home / "quickstart.log"  # the project's .qflow directory, whichever server is used
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(pids, seconds))
     verdict = "drained and exited cleanly" if code == 0 else f"did not exit cleanly: see {log_path}"
     print(f"workers stopped with SIGTERM: exit code {code} ({verdict})")
-    if app.url == embedded.url:
+    if app.resolve_url() == embedded.url:
         print(
             f"the embedded Valkey server keeps running (data in {embedded.home}), so the next run reuses "
             "it; stop it with `qflow server stop`"

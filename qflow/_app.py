@@ -22,7 +22,7 @@ from .exceptions import ConfigurationError
 if TYPE_CHECKING:
     from ._queue import Queue
 
-__all__ = ("App", "resolve_url")
+__all__ = ("App", "configured_url", "resolve_url")
 
 _URL_VARS = ("QFLOW_REDIS_URL", "REDIS_URL")
 
@@ -31,8 +31,8 @@ class App:
     """A qflow application: where the queues live and which processors they have.
 
     ``url`` is a Redis URL; without one, ``QFLOW_REDIS_URL`` then ``REDIS_URL`` are read when the first
-    connection opens, and with none of them the project's embedded server is used. Producers (an API
-    process) and workers import the same ``App``; only the entry point differs.
+    connection opens, and with none of them the project's embedded server is used (``resolve_url()``).
+    Producers (an API process) and workers import the same ``App``; only the entry point differs.
     """
 
     def __init__(
@@ -67,8 +67,18 @@ class App:
 
     @property
     def url(self) -> str:
-        """The Redis URL in use: ``resolve_url()`` (which may start the embedded server)."""
-        return self.resolve_url()
+        """The configured Redis URL: ``App(url=...)``, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``.
+
+        Reading it has no side effect. With none of them set, it raises ``ConfigurationError``: the URL is
+        then the embedded server's, which only ``resolve_url()`` finds (starting the server if it must).
+        """
+        url = configured_url(self._url)
+        if url is None:
+            raise ConfigurationError(
+                "no Redis URL configured: pass App(url=...) or set QFLOW_REDIS_URL (or REDIS_URL); without "
+                "one, app.resolve_url() starts the project's embedded server and returns its URL"
+            )
+        return url
 
     def resolve_url(self, *, announce: bool = True) -> str:
         """The Redis URL in use: the argument, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``.
@@ -116,7 +126,7 @@ class App:
         if client is None:
             for old_loop in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[old_loop]
-            url = self.url
+            url = self.resolve_url()
             tcp_only = {} if url.startswith("unix:") else {"socket_keepalive": True}
             client = aioredis.Redis.from_url(
                 url,
@@ -175,12 +185,9 @@ def resolve_url(url: str | None = None, *, announce: bool = True) -> str:
 
     See ``App.resolve_url``; this form serves callers that have a URL or nothing, but no ``App``.
     """
-    if url:
-        return url
-    for var in _URL_VARS:
-        value = os.environ.get(var)
-        if value:
-            return value
+    configured = configured_url(url)
+    if configured is not None:
+        return configured
     from . import _embedded
 
     if _embedded.embedded_disabled():
@@ -192,3 +199,14 @@ def resolve_url(url: str | None = None, *, announce: bool = True) -> str:
     started = _embedded.ensure_running(server)
     _embedded.announce(server, started, quiet=not announce)
     return server.url
+
+
+def configured_url(url: str | None = None) -> str | None:
+    """``url`` if given, else ``QFLOW_REDIS_URL``, else ``REDIS_URL``, else None (no I/O, no server)."""
+    if url:
+        return url
+    for var in _URL_VARS:
+        value = os.environ.get(var)
+        if value:
+            return value
+    return None

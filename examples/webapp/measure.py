@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names or args.requests < 1 or args.heavy_ms <= 0 or args.rate <= 0 or args.rounds < 1:
         parser.error(f"bad --scenarios {unknown or names}, --requests or --heavy-ms")
-    print(f"server: {app.url}", file=sys.stderr)
+    print(f"server: {app.resolve_url()}", file=sys.stderr)
     load_before = os.getloadavg()[0]
     results = asyncio.run(measure(args, [SCENARIOS[n] for n in names]))
     load_after = os.getloadavg()[0]

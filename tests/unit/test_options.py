@@ -134,3 +134,21 @@ async def test_enqueue_is_a_deprecated_alias_of_add(monkeypatch: pytest.MonkeyPa
         warnings.simplefilter("error")
         await send.add(8)  # the new name does not warn
     assert seen[-1] == ("send", 8, {"job_id": None, "delay": None, "run_at": None, "options": NO_OPTIONS})
+
+
+def test_app_url_reads_configuration_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``App.url`` is the configured URL (argument, then variables) and never starts a server."""
+
+    def no_server(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("reading App.url must not start the embedded server")
+
+    monkeypatch.setattr("qflow._embedded.ensure_running", no_server)
+    monkeypatch.delenv("QFLOW_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert qflow.App("redis://h:1/0").url == "redis://h:1/0"
+    with pytest.raises(qflow.ConfigurationError, match=r"resolve_url\(\)"):
+        _ = qflow.App().url
+    monkeypatch.setenv("REDIS_URL", "redis://r:2/0")
+    assert qflow.App().url == "redis://r:2/0"
+    monkeypatch.setenv("QFLOW_REDIS_URL", "redis://q:3/0")
+    assert qflow.App().url == qflow.App().resolve_url() == "redis://q:3/0"
