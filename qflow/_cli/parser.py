@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_positive_int,
         metavar="N",
-        help="jobs each process runs at once, per processor (default: each processor's own) "
-        "[QFLOW_CONCURRENCY]",
+        help="each processor runs up to N of its jobs at once in each worker process, in place of its own "
+        "concurrency= (default: each processor's own) [QFLOW_CONCURRENCY]",
     )
     w.add_argument(
         "-q",
