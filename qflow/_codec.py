@@ -121,9 +121,10 @@ def decode_envelope(data: bytes) -> Envelope:
     """Decode an envelope; raises ``PayloadError`` on any malformed input."""
     try:
         env = _envelope_decoder.decode(data)
-        # Range-checked here (a ConfigurationError is a ValueError), so a bad stored option fails its job
-        # like a bad payload does, before any worker runs it.
-        _ = env.options
+        if env.attempts is not None or env.timeout is not None or env.backoff is not None:
+            # Range-checked here (a ConfigurationError is a ValueError), so a bad stored option fails its
+            # job like a bad payload does, before any worker runs it.
+            JobOptions(attempts=env.attempts, timeout=env.timeout, backoff=env.backoff)
     except DECODE_ERRORS as exc:
         raise PayloadError(f"job envelope cannot be decoded: {type(exc).__name__}: {exc}") from exc
     return env

@@ -8,6 +8,7 @@ else qflow's default. Everything is validated in ``JobOptions.__post_init__`` an
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import msgspec
@@ -52,10 +53,13 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     backoff: Backoff | None = None
 
     def __post_init__(self) -> None:
-        if self.attempts is not None:
-            check_number("attempts", self.attempts, ge=1, integer=True)
-        if self.timeout is not None:
-            check_number("timeout", self.timeout, gt=0, unit="seconds, or None for no limit")
+        # The inline tests accept exactly the common valid values, cheaply (this runs for every add that
+        # sets an option); anything else goes to check_number, which raises with the message.
+        attempts, timeout = self.attempts, self.timeout
+        if attempts is not None and not (type(attempts) is int and attempts >= 1):
+            check_number("attempts", attempts, ge=1, integer=True)
+        if timeout is not None and not (type(timeout) in (float, int) and 0 < timeout < math.inf):
+            check_number("timeout", timeout, gt=0, unit="seconds, or None for no limit")
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ConfigurationError(f"backoff must be a qflow.Backoff or None, got {self.backoff!r}")
 
