@@ -49,7 +49,7 @@ class Acker:
 
         Only the rare unencodable result awaits (its failure is recorded before the lane moves on).
         """
-        if not self.may_ack(d):
+        if d.state is not RUNNING or self.closed:  # not self.may_ack(d), inlined: once per job
             return
         try:
             data = _codec.encode_payload(
@@ -72,7 +72,7 @@ class Acker:
         shared = self.shared
         if not fut.cancelled() and fut.result():
             shared.jobs_done += 1
-        shared.finish(r, d, handled=True)
+        shared.finish(r, d, True)
 
     async def fail(self, r: QueueRunner, d: Delivery, info: _codec.ErrorInfo, *, spent: bool = True) -> None:
         """Record a job as failed for good. Every such failure is logged here, in one form, whatever

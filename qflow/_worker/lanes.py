@@ -9,11 +9,9 @@ is failed by a one-off task. A handler's outcome goes to the acker (``acks.py``)
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import typing
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -36,6 +34,8 @@ __all__ = ("Lanes", "effective_options")
 
 log = logging.getLogger("qflow._worker")
 
+_A = TypeVar("_A")
+
 
 def effective_options(env: Envelope, proc: Processor[Any, Any]) -> tuple[float | None, int, Backoff | None]:
     """``(timeout, max attempts, backoff)`` of one job: its own where it set them, else its processor's."""
@@ -54,9 +54,11 @@ class Lanes:
 
     def start(self, r: QueueRunner, d: Delivery) -> None:
         """Hand a claimed job to its processor's lanes: a free lane runs it now, else it waits in line."""
-        # A newer delivery of a job still running here takes its entry (see QueueRunner.in_flight).
+        # ``idle`` is set only while nothing is in flight (QueueRunner.finish): cleared once, not per job. A
+        # newer delivery of a job still running here takes its entry (see QueueRunner.in_flight).
+        if not r.in_flight:
+            r.idle.clear()
         r.in_flight[d.id] = d
-        r.idle.clear()
         q = r.queue
         try:
             env = _codec.decode_envelope(d.envelope)
@@ -99,7 +101,7 @@ class Lanes:
         try:
             nxt: Delivery | None = d
             while nxt is not None:
-                await self._run_one(r, nxt, task, functools.partial(self._execute, r, nxt, proc))
+                await self._run_one(r, nxt, task, self._execute, proc)
                 nxt = None
                 while lanes.ready and not shared.stopping:
                     candidate = lanes.ready.popleft()
@@ -111,9 +113,15 @@ class Lanes:
             lanes.running -= 1
 
     async def _run_one(
-        self, r: QueueRunner, d: Delivery, task: asyncio.Task[Any], work: Callable[[], Awaitable[None]]
+        self,
+        r: QueueRunner,
+        d: Delivery,
+        task: asyncio.Task[Any],
+        work: Callable[[QueueRunner, Delivery, _A], Awaitable[None]],
+        arg: _A,
     ) -> None:
-        """Run ``work`` for one delivery in ``task`` (a lane or a one-off): cancellation, counts, cleanup."""
+        """Run ``work(r, d, arg)`` for one delivery in ``task`` (a lane or a one-off): cancellation, counts,
+        cleanup. (No ``functools.partial`` per job: the arguments are passed through.)"""
         shared = self.shared
         state = d.state
         if state is LOST or state is RELEASING or shared.stopping:
@@ -126,7 +134,7 @@ class Lanes:
         d.task = task
         handled = False
         try:
-            await work()
+            await work(r, d, arg)
             handled = d.state is not LOST and d.state is not RELEASING
         except asyncio.CancelledError:
             if d.state is not LOST and d.state is not RELEASING:
@@ -148,7 +156,7 @@ class Lanes:
         """Fail a job that cannot run here (undecodable envelope, unknown name), in a one-off task."""
         task = asyncio.current_task()
         assert task is not None
-        await self._run_one(r, d, task, functools.partial(self.acker.fail, r, d, info))
+        await self._run_one(r, d, task, self.acker.fail, info)
 
     async def _execute(self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any]) -> None:
         """Decode the payload, call the handler, and hand its outcome to the acker."""
@@ -209,15 +217,15 @@ class Lanes:
         self, r: QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
     ) -> Any:
         """Call the handler: a coroutine on the loop, a sync function in a thread; bounded by ``timeout``."""
+        # No typing.cast here: it is a Python call, and this runs once per job (proc.fn returns Any anyway).
+        coro: Awaitable[Any]
         if proc.is_async:
-            fn = typing.cast("Callable[[Job[Any]], Awaitable[Any]]", proc.fn)
-            coro = fn(job)
+            coro = proc.fn(job)
         else:
-            sync_fn = typing.cast("Callable[[Job[Any]], Any]", proc.fn)
             # A sync handler never runs on the event loop. On timeout the thread cannot be interrupted: it
             # is abandoned (its result ignored) and the job moves on.
             coro = anyio.to_thread.run_sync(
-                sync_fn, job, limiter=r.limiters[proc.name], abandon_on_cancel=True
+                proc.fn, job, limiter=r.limiters[proc.name], abandon_on_cancel=True
             )
         if timeout is None:
             return await coro

@@ -26,7 +26,7 @@ class Shared:
 
     __slots__ = (
         "app", "burst", "fast", "id", "jobs_done", "jobs_failed", "jobs_handled", "jobs_retried", "max_jobs",
-        "request_stop", "runners", "settings", "stale_acks", "stop",
+        "request_stop", "runners", "settings", "stale_acks", "stop", "stopping",
     )  # fmt: skip
 
     def __init__(
@@ -50,6 +50,9 @@ class Shared:
         """One per selected queue, made by ``Worker.run``."""
         self.stop: asyncio.Event | None = None
         """Set to stop fetching; made by ``Worker.run`` (a stop asked before the worker runs is not kept)."""
+        self.stopping = False
+        """True once ``stop`` is set: a plain attribute for the hot path (each job reads it; a property
+        around ``Event.is_set()`` costs two Python calls)."""
         self.fast = False
         """Release unfinished jobs at once instead of letting them finish (a fast stop, a second signal)."""
         self.jobs_done = 0
@@ -58,10 +61,16 @@ class Shared:
         self.jobs_handled = 0
         self.stale_acks = 0
 
-    @property
-    def stopping(self) -> bool:
-        """True once a stop was requested."""
-        return self.stop is not None and self.stop.is_set()
+    def begin(self) -> None:
+        """A fresh stop event for a run of the worker."""
+        self.stop = asyncio.Event()
+        self.stopping = False
+
+    def begin_stop(self) -> None:
+        """Stop fetching, if the worker runs (before ``begin`` there is nothing to stop)."""
+        if self.stop is not None:
+            self.stopping = True
+            self.stop.set()
 
     def in_flight(self) -> int:
         """Jobs this worker holds right now."""

@@ -147,7 +147,7 @@ class Worker:
         shared = self._shared
         shared.fast = shared.fast or fast
         if shared.stop is not None:
-            shared.stop.set()
+            shared.begin_stop()
             self._fetcher.unpark()
             if fast:
                 # Also mid-drain (issue #3: a supervisor's second signal): cancel handlers now, as the second
@@ -190,7 +190,7 @@ class Worker:
     async def run(self, *, handle_signals: bool = False) -> None:
         """Run until ``stop()`` (or, in burst mode, until the queues are drained), then drain and return."""
         shared = self._shared
-        shared.stop = asyncio.Event()
+        shared.begin()
         window = self.settings.prefetch_window
         shared.runners = runners = [QueueRunner(q, self._concurrency, window) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
@@ -244,10 +244,10 @@ class Worker:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         shared = self._shared
-        if shared.stop is not None and shared.stop.is_set():
+        if shared.stopping:
             log.warning("second %s: stopping now, releasing unfinished jobs", sig.name)
             shared.fast = True
-            shared.stop.set()
+            shared.begin_stop()
             self._fetcher.unpark()
             cancel_unfinished(shared)
         else:
