@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ._app import App
     from ._settings import RetentionSettings
 
-__all__ = ("Job", "JobSpec", "Queue")  # Job: re-exported for callers not yet importing it from _job
+__all__ = ("JobSpec", "Queue")
 
 T = TypeVar("T")
 R = TypeVar("R")

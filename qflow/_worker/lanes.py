@@ -17,15 +17,15 @@ import anyio
 import anyio.to_thread
 
 from .. import _codec
-from .._queue import Job
+from .._job import Job
 from .._state import decide_after_error
 from ..exceptions import PayloadError, Retry
 from .deliveries import LOST, QUEUED, RELEASING, RUNNING, CancelReason
 
 if TYPE_CHECKING:
     from .._codec import Envelope
+    from .._options import ResolvedOptions
     from .._processor import Processor
-    from .._state import Backoff
     from .acks import Acker
     from .deliveries import Delivery, LaneState, QueueRunner
     from .shared import Shared
@@ -37,12 +37,9 @@ log = logging.getLogger("qflow._worker")
 _A = TypeVar("_A")
 
 
-def effective_options(env: Envelope, proc: Processor[Any, Any]) -> tuple[float | None, int, Backoff | None]:
-    """``(timeout, max attempts, backoff)`` of one job: its own where it set them, else its processor's."""
-    timeout = env.timeout if env.timeout is not None else proc.timeout
-    max_attempts = env.attempts if env.attempts is not None else proc.attempts
-    backoff = env.backoff if env.backoff is not None else proc.backoff
-    return timeout, max_attempts, backoff
+def effective_options(env: Envelope, proc: Processor[Any, Any]) -> ResolvedOptions:
+    """The options one run of a job uses: its own where it set them, else its processor's, else qflow's."""
+    return env.options.over(proc.options)
 
 
 class Lanes:
@@ -170,7 +167,8 @@ class Lanes:
             await acker.fail(r, d, _codec.ErrorInfo.from_exception(exc, "payload"))
             return
         job: Job[Any] = Job(q, d.id, env.name, payload, attempt=d.attempts + 1, stalls=d.stalls)
-        timeout, max_attempts, backoff = effective_options(env, proc)
+        options = effective_options(env, proc)
+        timeout = options.timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -195,8 +193,8 @@ class Lanes:
         r.slots.observe(loop.time() - started)
         decision = decide_after_error(
             attempts_spent=d.attempts,
-            max_attempts=max_attempts,
-            backoff=backoff,
+            max_attempts=options.attempts,
+            backoff=options.backoff,
             requested_delay=error.delay if isinstance(error, Retry) else None,
         )
         if decision.retry:
