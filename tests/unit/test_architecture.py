@@ -1,14 +1,16 @@
-"""The import graph of the qflow package, read with ``ast``: cycles, and the library importing the CLI.
+"""The import graph of the qflow package, read with ``ast``: no cycles, layers as docs/architecture.md draws them.
 
-Not a test yet (no ``test_`` function: pytest collects nothing here); run it as a script::
+The tests here fail when a change adds an import cycle, or an import that climbs the layers
+(foundation → broker → producer side → worker → public surface → CLI: a module imports only its own layer
+and those below). The same checks print a report when the file is run as a script::
 
     python tests/unit/test_architecture.py
 
-It prints every import cycle among qflow's modules, counting module-level imports only (those that run when
-a module is imported: not inside a function, not under ``if TYPE_CHECKING:``; class bodies and ``try``/``if``
-blocks at module level count), and every import of ``qflow._cli`` from outside it, wherever it sits (the
-CLI imports the library, never the reverse; ``qflow/__main__.py`` is the CLI's second entry point). Exit
-status 1 if it found either. Cycles closed only by imports inside functions are listed for information.
+Two graphs: *module-level* imports (those that run when a module is imported: not inside a function, not under
+``if TYPE_CHECKING:``; class bodies and ``try``/``if`` blocks at module level count) and *runtime* imports
+(module-level ones plus those inside functions, still without ``TYPE_CHECKING`` blocks, which only name
+types). Both must be free of cycles; the layer rules hold on the runtime graph, with the exceptions
+``ALLOWED_UPWARD`` names and explains.
 
 A submodule's parent package is not counted as one of its imports (Python imports it first, always), and
 ``from pkg import name`` counts as importing ``pkg.name`` when that is a module, else ``pkg``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import ast
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "qflow"
@@ -62,10 +64,18 @@ def module_level_imports(body: list[ast.stmt]) -> Iterator[Imports]:
 
 
 def all_imports(tree: ast.Module) -> Iterator[Imports]:
-    """Every import statement of the module, wherever it sits."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            yield node
+    """Every import statement that can run: wherever it sits, except under ``if TYPE_CHECKING:``."""
+
+    def walk(nodes: Iterable[ast.AST]) -> Iterator[Imports]:
+        for node in nodes:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                yield node
+            elif isinstance(node, ast.If) and _is_type_checking(node.test):
+                yield from walk(node.orelse)
+            else:
+                yield from walk(ast.iter_child_nodes(node))
+
+    return walk(tree.body)
 
 
 def targets(node: Imports, importer: str, is_package: bool, known: dict[str, Path]) -> set[str]:
@@ -147,6 +157,91 @@ def cli_imported_by_the_library(graph: dict[str, set[str]]) -> list[tuple[str, s
     )
 
 
+# The layers, lowest first; a module belongs to the first layer whose prefix it matches.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "foundation",
+        ("qflow.exceptions", "qflow._state", "qflow._settings", "qflow._options", "qflow._codec",
+         "qflow._embedded"),
+    ),  # fmt: skip
+    ("broker", ("qflow._broker",)),
+    (
+        "producer side",
+        ("qflow._app", "qflow._queue", "qflow._job", "qflow._processor", "qflow._inspect", "qflow._admin",
+         "qflow._fleet"),
+    ),  # fmt: skip
+    ("worker", ("qflow._worker",)),
+    ("public surface", ("qflow.testing",)),
+    ("CLI", ("qflow._cli", "qflow.__main__")),
+)
+# Upward imports that are there on purpose, each inside a function.
+ALLOWED_UPWARD = {
+    # App.run_worker starts a Worker: a producer that never runs one never imports the worker.
+    ("qflow._app", "qflow._worker.worker"),
+}
+
+
+def layer_of(module: str) -> int:
+    """Index of ``module``'s layer in ``LAYERS`` (the package itself, ``qflow``, re-exports: the surface)."""
+    if module == "qflow":
+        return 4
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise LookupError(f"{module} is in no layer: add it to LAYERS and to docs/architecture.md")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a module imports one of a higher layer, minus ``ALLOWED_UPWARD``."""
+    return sorted(
+        (m, t)
+        for m, ts in graph.items()
+        for t in ts
+        if layer_of(t) > layer_of(m) and (m, t) not in ALLOWED_UPWARD
+    )
+
+
+def test_no_import_cycle_at_module_level() -> None:
+    """No two qflow modules import each other, directly or around a loop, when they are imported."""
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_cycle_even_through_imports_inside_functions() -> None:
+    """Imports inside functions close no loop either (those under TYPE_CHECKING only name types)."""
+    assert cycles(import_graph(every_import=True)) == []
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower() -> None:
+    """Data flows down the tree: no module imports one of a higher layer, but for the listed exceptions."""
+    graph = import_graph(every_import=True)
+    for module in graph:
+        layer_of(module)
+    assert upward_imports(graph) == []
+    assert cli_imported_by_the_library(graph) == []
+
+
+def test_the_upward_exceptions_are_still_needed() -> None:
+    """Each allowed upward import still exists and only inside a function (else drop it from the list)."""
+    runtime = import_graph(every_import=True)
+    module_level = import_graph()
+    for importer, imported in ALLOWED_UPWARD:
+        assert imported in runtime[importer]
+        assert imported not in module_level[importer]
+
+
+def test_the_layering_check_catches_an_upward_import() -> None:
+    """A planted import of the worker by the broker is reported (the check is not vacuous)."""
+    graph = import_graph(every_import=True)
+    graph["qflow._broker.scripts"] = graph["qflow._broker.scripts"] | {"qflow._worker.worker"}
+    assert ("qflow._broker.scripts", "qflow._worker.worker") in upward_imports(graph)
+
+
+def test_no_module_over_500_lines() -> None:
+    """One module, one job: a module nearing ~500 lines is asking to be split (STYLE.md)."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
 def main() -> int:
     """Print the cycles and the wrong-way imports; 1 if there are any."""
     graph = import_graph()
@@ -158,12 +253,16 @@ def main() -> int:
     print(f"import cycles: {len(found)}")
     everywhere = import_graph(every_import=True)
     for component in cycles(everywhere):
-        print("(for information) cycle through imports inside functions:", " <-> ".join(component))
+        print("cycle through imports inside functions:", " <-> ".join(component))
     wrong = cli_imported_by_the_library(everywhere)
     for importer, imported in wrong:
         print(f"library imports the CLI: {importer} -> {imported}")
     print(f"library modules importing qflow._cli (any import, functions included): {len(wrong)}")
-    return 1 if found or wrong else 0
+    upward = upward_imports(everywhere)
+    for importer, imported in upward:
+        print(f"upward import: {importer} ({LAYERS[layer_of(importer)][0]}) -> {imported}")
+    print(f"imports that climb the layers (runtime graph, allowed exceptions aside): {len(upward)}")
+    return 1 if found or wrong or upward or cycles(everywhere) else 0
 
 
 if __name__ == "__main__":
