@@ -1,4 +1,4 @@
-"""The import graph of the qflow package, read with ``ast``: no cycles, layers as docs/architecture.md draws them.
+"""The import graph of the qflow package, read with ``ast``: no cycles, layers as docs/architecture.md says.
 
 The tests here fail when a change adds an import cycle, or an import that climbs the layers
 (foundation → broker → producer side → worker → public surface → CLI: a module imports only its own layer
@@ -161,15 +161,28 @@ def cli_imported_by_the_library(graph: dict[str, set[str]]) -> list[tuple[str, s
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "foundation",
-        ("qflow.exceptions", "qflow._state", "qflow._settings", "qflow._options", "qflow._codec",
-         "qflow._embedded"),
-    ),  # fmt: skip
+        (
+            "qflow.exceptions",
+            "qflow._state",
+            "qflow._settings",
+            "qflow._options",
+            "qflow._codec",
+            "qflow._embedded",
+        ),
+    ),
     ("broker", ("qflow._broker",)),
     (
         "producer side",
-        ("qflow._app", "qflow._queue", "qflow._job", "qflow._processor", "qflow._inspect", "qflow._admin",
-         "qflow._fleet"),
-    ),  # fmt: skip
+        (
+            "qflow._app",
+            "qflow._queue",
+            "qflow._job",
+            "qflow._processor",
+            "qflow._inspect",
+            "qflow._admin",
+            "qflow._fleet",
+        ),
+    ),
     ("worker", ("qflow._worker",)),
     ("public surface", ("qflow.testing",)),
     ("CLI", ("qflow._cli", "qflow.__main__")),
