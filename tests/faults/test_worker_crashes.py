@@ -86,7 +86,11 @@ async def test_sigkill_at_a_crash_point_loses_nothing_and_reruns_only_unacked_jo
     elif point == "before_ack":
         assert ended_on_a, "A ran jobs to their end"
         assert not acked_by_a, "A never acked"
-        assert ended_on_a == started_on_a == set(ids), "A ran every job to its end, then died"
+        # A holds every job (B was frozen) and starts them together; it dies at its first ack batch, which
+        # the first handler to return triggers: under load the others may still be running then, so only
+        # some of them ended on A. (Asserting that all had ended was a race: 1-3 failures in 20 when loaded.)
+        assert started_on_a == set(ids), "A started every job it claimed"
+        assert ended_on_a <= started_on_a
         assert figs["dup"] == len(started_on_a), "what A ran and did not ack ran again, nothing else"
     else:
         assert acked_by_a, "A's first ack batch was recorded"
