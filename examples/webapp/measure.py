@@ -37,7 +37,6 @@ import msgspec
 
 import qflow
 from examples.webapp.app import NewUser, app, crunch, reports, send_welcome, welcome
-from qflow.testing import purge
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,7 +220,7 @@ async def run_scenario(
     scenario: Scenario, requests: int, rate: float, iterations: int, log_dir: Path
 ) -> Result:
     for queue in (welcome, reports):
-        await purge(queue)
+        await queue.purge()
     port = free_port()
     procs = Processes(log_dir)
     try:
@@ -273,7 +272,7 @@ async def run_scenario(
     finally:
         procs.stop()
     for queue in (welcome, reports):
-        await purge(queue)
+        await queue.purge()
     return Result(scenario, latencies, heavy_done / window)
 
 
