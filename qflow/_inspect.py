@@ -186,11 +186,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
         k = q.keys
         with translated("the counts of a queue"):
             async with client.pipeline(transaction=True) as pipe:
-                pipe.llen(k.wait)
-                pipe.zcard(k.active)
-                pipe.zcard(k.delayed)
-                pipe.zcard(k.completed)
-                pipe.zcard(k.failed)
+                commands.count_states(pipe, k)  # waiting, active, delayed, completed, failed
                 pipe.hgetall(k.stats)
                 pipe.zcount(k.completed, since, "+inf")
                 pipe.zrange(k.completed, 0, 0, withscores=True)

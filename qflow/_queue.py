@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import msgspec
 
 from . import _admin, _codec
-from ._broker import scripts
+from ._broker import commands, scripts
 from ._broker.errors import is_timeout, translated
 from ._broker.keys import QueueKeys
 from ._job import Job
@@ -239,13 +239,9 @@ class Queue:
         client = self.app.redis()
         with translated("the counts of a queue"):
             async with client.pipeline(transaction=True) as pipe:
-                pipe.llen(k.wait)
-                pipe.zcard(k.active)
-                pipe.zcard(k.delayed)
-                pipe.zcard(k.completed)
-                pipe.zcard(k.failed)
+                commands.count_states(pipe, k)
                 values = await pipe.execute()
-        return dict(zip(("waiting", "active", "delayed", "completed", "failed"), values, strict=True))
+        return dict(zip(commands.COUNTED_STATES, values, strict=True))
 
     async def stats(self) -> dict[str, int]:
         """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""

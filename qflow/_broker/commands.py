@@ -9,7 +9,12 @@ from .errors import translated
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ("blmove", "command", "server_ms", "unblock", "wait_for_push")
+    from .keys import QueueKeys
+
+__all__ = ("COUNTED_STATES", "blmove", "command", "count_states", "server_ms", "unblock", "wait_for_push")
+
+COUNTED_STATES = ("waiting", "active", "delayed", "completed", "failed")
+"""The states ``count_states`` counts, in the order it queues their commands."""
 
 
 async def command(client: aioredis.Redis, *args: Any) -> Any:
@@ -23,6 +28,15 @@ async def command(client: aioredis.Redis, *args: Any) -> Any:
 def blmove(key: str | bytes, timeout: float) -> tuple[Any, ...]:
     """``BLMOVE key key RIGHT RIGHT timeout``: wait until the list has an element (rotating it takes none)."""
     return ("BLMOVE", key, key, "RIGHT", "RIGHT", f"{timeout:.3f}")
+
+
+def count_states(pipe: Any, keys: QueueKeys) -> None:
+    """Queue on ``pipe`` one count per state of ``COUNTED_STATES`` (LLEN or ZCARD), in that order."""
+    pipe.llen(keys.wait)
+    pipe.zcard(keys.active)
+    pipe.zcard(keys.delayed)
+    pipe.zcard(keys.completed)
+    pipe.zcard(keys.failed)
 
 
 async def wait_for_push(client: aioredis.Redis, key: str | bytes, timeout: float) -> None:
