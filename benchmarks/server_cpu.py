@@ -29,23 +29,13 @@ from typing import Any
 
 import redis
 
+from qflow._broker.evalsha import expand_source
 from qflow._broker.keys import SCHEMA_VERSION, QueueKeys
 from qflow._broker.scripts import KEYS, unpack_claimed
 from qflow.testing import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("add_one", "add_bulk", "claim", "complete")
-
-
-def source(lua_dir: Path, name: str) -> str:
-    """A script's text with ``--!include`` lines expanded, as ``qflow._broker.evalsha.load_source`` does."""
-    lines = []
-    for line in (lua_dir / f"{name}.lua").read_text(encoding="utf-8").splitlines():
-        if line.startswith("--!include "):
-            lines.append((lua_dir / line.split(maxsplit=1)[1].strip()).read_text(encoding="utf-8"))
-        else:
-            lines.append(line)
-    return "\n".join(lines) + "\n"
 
 
 def counters(r: redis.Redis) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -74,9 +64,9 @@ def run_once(
 ) -> dict[str, dict[str, float]]:
     """Every phase once on a fresh queue; returns the figures per phase."""
     k = QueueKeys(f"cpubench-{uuid.uuid4().hex[:8]}", "q")
-    add = r.register_script(source(lua_dir, "add"))
-    claim = r.register_script(source(lua_dir, "claim"))
-    complete = r.register_script(source(lua_dir, "complete"))
+    add = r.register_script(expand_source(lua_dir, "add"))
+    claim = r.register_script(expand_source(lua_dir, "claim"))
+    complete = r.register_script(expand_source(lua_dir, "complete"))
     for s in (add, claim, complete):
         r.script_load(s.script)
     add_keys = KEYS["add"](k)

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, Any
 
 from .commands import command
@@ -23,13 +24,20 @@ if TYPE_CHECKING:
 
     from .keys import QueueKeys
 
-__all__ = ("Script", "load", "load_source")
+__all__ = ("Script", "expand_source", "load", "load_source")
 
 
 @cache
 def load_source(name: str) -> str:
     """The Lua source of script ``name`` with its includes expanded."""
-    lua_dir = resources.files(__package__ or "qflow._broker") / "lua"
+    return expand_source(resources.files(__package__ or "qflow._broker") / "lua", name)
+
+
+def expand_source(lua_dir: Traversable, name: str) -> str:
+    """The text of ``lua_dir/name.lua`` with each ``--!include FILE`` line replaced by that file's text.
+
+    Any folder of scripts, not only this package's: ``benchmarks/server_cpu.py`` measures other trees' too.
+    """
     lines = []
     for line in (lua_dir / f"{name}.lua").read_text(encoding="utf-8").splitlines():
         if line.startswith("--!include "):
