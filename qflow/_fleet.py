@@ -2,8 +2,11 @@
 
 Every worker process started by ``qflow worker`` runs ``heartbeat`` beside its own tasks (a ``Worker``
 companion). It writes a hash describing itself (host, pid, queues, concurrency, jobs running and claimed
-ahead, jobs done, started at) that expires unless renewed, and its id in a fleet-wide sorted set. Keys are
-named in ``qflow._broker.keys.FleetKeys``; times come from the Redis server's clock. Reading the registry
+ahead, jobs done, started at) that expires unless renewed, and its id in a fleet-wide sorted set scored by
+its last heartbeat. The same ``MULTI`` removes from that set every worker whose last heartbeat is older than
+the dead-after bound (``HEARTBEAT_TTL``, or the writer's longer ``ttl``): its hash has expired, so it is
+dead, and the set stays bounded while any worker runs, with no reader needed. Keys are named in
+``qflow._broker.keys.FleetKeys``; times come from the Redis server's clock. Reading the registry
 back (``list_workers``) is ``qflow._inspect``'s job; ``QueueLoad`` is the one format both sides share.
 """
 
@@ -78,7 +81,9 @@ def heartbeat(
     ``concurrency`` is the ``-c`` override the worker was built with (None: each processor's own).
     It beats every ``interval`` seconds, at once when the worker starts draining, and after ``refresh``
     seconds when its running / claimed-ahead counts changed; a worker that stops gracefully deregisters,
-    one that dies drops out after ``ttl`` seconds.
+    one that dies drops out after ``ttl`` seconds. Each beat also prunes the fleet set of workers silent for
+    longer than ``max(ttl, HEARTBEAT_TTL)`` (so a short ``ttl`` never prunes a live worker on the default
+    timing).
     """
 
     async def run(worker: Worker) -> None:
@@ -106,6 +111,7 @@ async def _beat_forever(
     keys = FleetKeys(app.prefix)
     key = keys.worker(worker.id)
     queues = concurrency_of(worker, override)
+    dead_after_ms = int(max(ttl, HEARTBEAT_TTL) * 1000)
     static: dict[str, str | int | bytes] = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -151,6 +157,7 @@ async def _beat_forever(
                             pipe.hset(key, items=[part for kv in fields.items() for part in kv])
                             pipe.pexpire(key, int(ttl * 1000))
                             pipe.zadd(keys.workers, {worker.id: now_ms})
+                            pipe.zremrangebyscore(keys.workers, "-inf", f"({now_ms - dead_after_ms}")
                             await pipe.execute()
                     last_state, last_load, last_beat = state, load, loop.time()
                     if failing:
