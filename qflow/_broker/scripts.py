@@ -3,7 +3,9 @@ and the shape of its reply.
 
 Each script file starts with its KEYS / ARGV / returns contract; ``KEYS`` below gives the keys of each script
 in that order (tests/unit/test_broker.py holds the two together). Loading and calling a script by its SHA,
-with the one NOSCRIPT fallback, is ``evalsha.Script``'s job.
+with the one NOSCRIPT fallback, is ``evalsha.Script``'s job. The scripts off the hot path (recovery, result
+waits, an operator's retries) live in ``scripts_admin``; their functions are re-exported here, so callers
+import one module.
 
 The hot path (claim, complete) does no work per job beyond reading the arguments and the reply; ids, tokens
 and envelopes travel as the exact bytes Redis returned.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -24,6 +25,19 @@ from .commands import blmove
 from .errors import UNAVAILABLE, ErrorReply, NoScript, OutOfMemory, translate, translated
 from .evalsha import Script, load_source
 from .keys import SCHEMA_VERSION, QueueKeys
+from .scripts_admin import KEYS as ADMIN_KEYS
+from .scripts_admin import SCRIPTS as ADMIN_SCRIPTS
+from .scripts_admin import (
+    OldestRequeued,
+    Recovered,
+    Requeue,
+    Watched,
+    notify_key,
+    recover,
+    retry_failed,
+    retry_oldest_failed,
+    watch,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -88,19 +102,17 @@ KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "retry": lambda k: (k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats),
     "release": lambda k: (k.active, k.tokens, k.state, k.wait, k.stats),
     "renew": lambda k: (k.active, k.tokens),
-    "recover": lambda k: (
-        k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls, k.checker, k.stats, k.jobs,
-        k.results, k.attempts, k.waiters,
-    ),
-    "watch": lambda k: (k.state, k.results, k.errors, k.waiters),
-    "retry_failed": lambda k: (k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats),
+    **ADMIN_KEYS,
 }  # fmt: skip
-"""Script name -> the queue keys it takes as ``KEYS``, in order."""
+"""Script name -> the queue keys it takes as ``KEYS``, in order (those of ``scripts_admin`` included)."""
 
 SCRIPT_NAMES = tuple(KEYS)
 
 
-SCRIPTS = {name: Script(name, keys) for name, keys in KEYS.items()}
+SCRIPTS = {
+    **{name: Script(name, keys) for name, keys in KEYS.items() if name not in ADMIN_SCRIPTS},
+    **ADMIN_SCRIPTS,
+}
 """Script name -> its ``Script``."""
 
 _ADD = SCRIPTS["add"]
@@ -110,18 +122,11 @@ _FAIL = SCRIPTS["fail"]
 _RETRY = SCRIPTS["retry"]
 _RELEASE = SCRIPTS["release"]
 _RENEW = SCRIPTS["renew"]
-_RECOVER = SCRIPTS["recover"]
-_WATCH = SCRIPTS["watch"]
-_RETRY_FAILED = SCRIPTS["retry_failed"]
 
 
 async def load_all(client: aioredis.Redis) -> None:
     """Load every script in one round trip, so the first call of each is not a NOSCRIPT miss."""
     await evalsha.load(client, SCRIPTS.values())
-
-
-def _notify(keys: QueueKeys, job_id: JobId) -> str | bytes:
-    return keys.notify_raw(job_id) if isinstance(job_id, bytes) else keys.notify(job_id)
 
 
 # -- add -----------------------------------------------------------------------------------------------------
@@ -338,7 +343,7 @@ async def complete(
     notify = []
     for job in jobs:
         argv += job
-        notify.append(_notify(keys, job[0]))
+        notify.append(notify_key(keys, job[0]))
     flags: bytes = await _COMPLETE(client, (*_COMPLETE.keys(keys), *notify), argv)
     return [flag == 49 for flag in flags]  # one byte per job: ord("1")
 
@@ -358,7 +363,7 @@ async def fail(
     """Move a job to ``failed`` with ``error`` (``lua/fail.lua``), spending an attempt if ``spent``; False
     for a stale delivery (counted). Retention and notify as in ``complete``."""
     argv = [job_id, token, error, int(spent), keep_count, keep_age_ms, notify_ttl_ms]
-    return bool(await _FAIL(client, (*_FAIL.keys(keys), _notify(keys, job_id)), argv))
+    return bool(await _FAIL(client, (*_FAIL.keys(keys), notify_key(keys, job_id)), argv))
 
 
 async def retry(
@@ -413,86 +418,3 @@ async def renew_all(
         list(await _RENEW.settle(client, keys, argv, reply))
         for (keys, argv), reply in zip(calls, replies, strict=True)
     ]
-
-
-class Recovered(NamedTuple):
-    """What one ``recover`` did."""
-
-    requeued: int
-    """Jobs put back in ``wait``."""
-    failed: int
-    """Jobs failed as stalled (recovered more than ``max_stalls`` times)."""
-    ids: list[bytes]
-    """The ids of both, in the order they were handled."""
-
-
-async def recover(
-    client: aioredis.Redis,
-    keys: QueueKeys,
-    *,
-    checker: str,
-    lock_ms: int,
-    max_stalls: int,
-    stalled_error: bytes | str,
-    keep_count: int,
-    keep_age_ms: int,
-    limit: int = 1000,
-) -> Recovered | None:
-    """Give up to ``limit`` expired leases back to ``wait``, or fail them with ``stalled_error`` once they
-    stalled more than ``max_stalls`` times (``lua/recover.lua``). One checker acts per ``lock_ms`` across all
-    workers: None when another holds the interval. Failed jobs are trimmed as in ``fail``."""
-    argv = [checker, lock_ms, max_stalls, stalled_error, keep_count, keep_age_ms, limit]
-    reply = await _RECOVER(client, _RECOVER.keys(keys), argv)
-    if int(reply[0]) < 0:
-        return None
-    return Recovered(int(reply[0]), int(reply[1]), list(reply[2:]))
-
-
-# -- results and operators -----------------------------------------------------------------------------------
-
-
-class Watched(NamedTuple):
-    """A job's state and outcome, as ``watch`` read them."""
-
-    state: str | None
-    """The stored state; None when there is no such job."""
-    data: bytes | None
-    """The encoded result (completed) or error (failed); None otherwise."""
-
-
-async def watch(client: aioredis.Redis, keys: QueueKeys, job_id: str) -> Watched:
-    """Read a job's state and outcome; if it is not finished, register a waiter so the script that finishes it
-    pushes to ``keys.notify(job_id)`` (``lua/watch.lua``): no gap for a missed wake-up."""
-    state, data = await _WATCH(client, _WATCH.keys(keys), [job_id])
-    return Watched(None if state is None else state.decode("utf-8", "replace"), data)
-
-
-class Requeue(IntEnum):
-    """What ``retry_failed`` did with one id."""
-
-    REQUEUED = 1
-    NOT_FAILED = 0
-    """The job is not failed (retried already, or running): left alone."""
-    MISSING = -1
-    """No such job (never added, or trimmed by retention)."""
-
-
-async def retry_failed(client: aioredis.Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[Requeue]:
-    """Put these failed jobs back in ``wait`` with fresh attempts (``lua/retry_failed.lua``, "ids" mode)."""
-    reply = await _RETRY_FAILED(client, _RETRY_FAILED.keys(keys), ["ids", *job_ids])
-    return [Requeue(int(flag)) for flag in reply]
-
-
-class OldestRequeued(NamedTuple):
-    """What ``retry_oldest_failed`` did."""
-
-    requeued: int
-    left: int
-    """Failed jobs still in the queue's failed set."""
-
-
-async def retry_oldest_failed(client: aioredis.Redis, keys: QueueKeys, most: int) -> OldestRequeued:
-    """Put up to ``most`` failed jobs back in ``wait``, oldest failures first (``lua/retry_failed.lua``,
-    "oldest" mode). A failed-set entry without a failed job is dropped, so repeated calls end."""
-    moved, left = await _RETRY_FAILED(client, _RETRY_FAILED.keys(keys), ["oldest", most])
-    return OldestRequeued(int(moved), int(left))
