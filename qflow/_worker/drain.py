@@ -13,7 +13,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from .._broker import scripts
-from ..exceptions import BrokerUnavailable
 from .acks import with_retries
 from .aio import cancel_until_done
 from .deliveries import DONE, LOST, RELEASED, RELEASING, CancelReason
@@ -83,18 +82,19 @@ def cancel_unfinished(shared: Shared) -> None:
 async def release(shared: Shared, r: QueueRunner, deliveries: list[Delivery]) -> None:
     """Hand RELEASING deliveries' jobs back to waiting (attempt unspent); they end RELEASED either way.
 
-    If Redis stays unreachable, the jobs return when their leases expire.
+    If Redis stays unreachable (or the script fails), the jobs return when their leases expire.
     """
     call = functools.partial(
         scripts.release, shared.app.redis(), r.keys, [(d.raw, d.token) for d in deliveries]
     )
     try:
         flags: list[bool] = await with_retries(call, shared.settings.lease_ttl)
-    except BrokerUnavailable as exc:
+    except Exception as exc:  # unreachable, or a script error: never end the fetcher or the drain
         log.error(
-            "could not release %d job(s) on %s (%s): they return when their leases expire",
+            "could not release %d job(s) on %s (%s: %s): they return when their leases expire",
             len(deliveries),
             r.queue.name,
+            type(exc).__name__,
             exc,
         )
         return

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _codec
 from .._broker import commands, scripts
 from .._broker.errors import ErrorReply, translated
-from ..exceptions import BrokerFull, BrokerUnavailable, QflowError
+from ..exceptions import QflowError
 from .aio import wait_first
 from .deliveries import CancelReason, Delivery
 from .drain import release
@@ -26,9 +26,14 @@ if TYPE_CHECKING:
     from .lanes import Lanes
     from .shared import Shared
 
-__all__ = ("Fetcher",)
+__all__ = ("Fetcher", "backoff_delay")
 
 log = logging.getLogger("qflow._worker")
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` failed claims in a row: 0.2, 0.4, 0.8, 1.6, then 2 at most."""
+    return min(0.1 * 2.0 ** min(failures, 5), 2.0)
 
 
 class Fetcher:
@@ -77,13 +82,12 @@ class Fetcher:
                     res = await scripts.claim(
                         client, k, count=n, lease_ms=lease_ms, max_envelope=max_envelope, too_large=too_large
                     )
-                    failures = 0
-                except (BrokerUnavailable, BrokerFull) as exc:
+                except Exception as exc:  # whatever a claim raises, the fetcher carries on
                     r.slots.give(n)
                     failures += 1
-                    log.warning("claim on %s failed (%s); retrying", r.queue.name, exc)
-                    await wait_first(stop.wait(), asyncio.sleep(min(0.1 * 2**failures, 2.0)))
+                    await self._back_off(r, "claim", exc, failures)
                     continue
+                failures = 0
             next_due_ms, waiting, jobs = res
             for job in jobs:
                 self.lanes.start(r, Delivery(job))
@@ -110,11 +114,38 @@ class Fetcher:
             n = await r.slots.take(1, stop, budget)
             if n == 0:
                 break
-            behind = await self._wait_then_claim(r, timeout, n)
+            behind, error = await self._wait_then_claim(r, timeout, n)
             if behind is None:
                 r.slots.give(n)
             else:
                 carried = (n, behind)
+            if error is not None:
+                failures += 1
+                await self._back_off(r, error[0], error[1], failures)
+            elif behind is not None:
+                failures = 0
+
+    async def _back_off(self, r: QueueRunner, what: str, exc: Exception, failures: int) -> None:
+        """Log a failed claim (WARNING: the queue and the error) and wait before the next one.
+
+        The delay doubles from 0.2 s with each failure in a row, up to 2 s; a stop ends it at once. An error
+        the server answered (a script that failed on corrupt data, say) or a broker error is logged in one
+        line; anything else with its traceback, as it is a bug.
+        """
+        stop = self.shared.stop
+        assert stop is not None
+        delay = backoff_delay(failures)
+        expected = isinstance(exc, (QflowError, ErrorReply))
+        log.warning(
+            "%s on %s failed (%s: %s); retrying in %.1fs",
+            what,
+            r.queue.name,
+            type(exc).__name__,
+            exc,
+            delay,
+            exc_info=None if expected else exc,
+        )
+        await wait_first(stop.wait(), asyncio.sleep(delay))
 
     async def _wait_for_work(self, r: QueueRunner, timeout: float) -> None:
         """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
@@ -127,20 +158,23 @@ class Fetcher:
             waits.append(r.idle.wait())
         try:
             await wait_first(*waits)
-        except (QflowError, ErrorReply) as exc:
+        except Exception as exc:  # a failed wait must not end the fetcher
             # BrokerFull: OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
             await wait_first(stop.wait(), asyncio.sleep(min(timeout, 0.2)))
 
-    async def _wait_then_claim(self, r: QueueRunner, timeout: float, n: int) -> scripts.ClaimReply | None:
+    async def _wait_then_claim(
+        self, r: QueueRunner, timeout: float, n: int
+    ) -> tuple[scripts.ClaimReply | None, tuple[str, Exception] | None]:
         """Block until a push with a claim of ``n`` queued behind the blocking call, on one connection.
 
         The server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip
         instead of two (see ``scripts.wait_then_claim``). The claim is still the one script that moves ids
         into ``active`` under a lease. ``stop()`` never abandons this call (a claim that ran would leave its
         jobs to lease expiry): it ends the wait with ``CLIENT UNBLOCK``, and jobs claimed after a stop are
-        released at once. Returns the claim reply, or None (stopped, or the server failed). Where
-        ``CLIENT ID`` is not allowed (ACLs), the worker falls back to waiting, then claiming.
+        released at once. Returns the claim reply, or None (stopped, or the claim failed), and what failed
+        (for the caller's back-off: nothing is logged here). Where ``CLIENT ID`` is not allowed (ACLs), the
+        worker falls back to waiting, then claiming.
         """
         shared = self.shared
         stop = shared.stop
@@ -162,6 +196,8 @@ class Fetcher:
                 max_envelope=self._max_envelope,
                 too_large=self._too_large,
             )
+        except Exception as exc:  # a reply it could not read, say: never end the fetcher
+            return None, ("blocking wait and claim", exc)
         finally:
             self._parked.pop(r, None)
         if out.refused is not None:
@@ -171,12 +207,10 @@ class Fetcher:
             )
         if out.wait_error is not None:
             log.warning("blocking wait on %s failed (%s)", r.queue.name, out.wait_error)
-        if out.claim_error is not None:
-            log.warning("claim on %s failed (%s); retrying", r.queue.name, out.claim_error)
         if out.failed is not None:
-            log.warning("blocking wait and claim on %s failed (%s)", r.queue.name, out.failed)
-            await wait_first(stop.wait(), asyncio.sleep(min(timeout, 0.2)))
-            return None
+            return None, ("blocking wait and claim", out.failed)
+        if out.claim_error is not None:
+            return None, ("claim", out.claim_error)
         res = out.reply
         if res is not None and stop.is_set():
             claimed = [Delivery(job) for job in res.jobs]
@@ -184,8 +218,8 @@ class Fetcher:
                 d.cancel(CancelReason.RELEASE)
             if claimed:
                 await release(shared, r, claimed)
-            return None
-        return res
+            return None, None
+        return res, None
 
     def unpark(self) -> None:
         """End the server-side waits of fetchers blocked in ``_wait_then_claim`` (at a stop)."""
@@ -218,6 +252,7 @@ class Fetcher:
                     pipe.zcard(k.delayed)
                     pipe.zcard(k.active)
                     counts = await pipe.execute()
-        except BrokerUnavailable:
+        except (QflowError, ErrorReply) as exc:
+            log.warning("the drained check on %s failed (%s)", r.queue.name, exc)
             return False
         return not any(counts)

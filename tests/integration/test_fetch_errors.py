@@ -1,0 +1,183 @@
+"""A claim script that fails on the server never ends the fetcher (issue 12, item 1, the fetcher's part).
+
+Each test breaks a real key of the queue on a real server so that ``claim.lua`` answers an error, runs a
+worker, and checks that the fetcher logs a WARNING naming the queue and the error, backs off (capped,
+exponential, cut short by a stop), and claims again once the key is repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import msgspec
+import pytest
+
+import qflow
+from qflow.testing import FAST
+
+# How each corruption breaks a key of the queue, the text of the server's error, and its repair.
+CORRUPTIONS = {
+    # The first command of claim.lua: it fails before the script writes anything.
+    "delayed_wrong_type": ("delayed", "not-a-zset", "WRONGTYPE"),
+    # Later steps: with scripts that pop before they validate, the batch popped by a failing claim is lost.
+    "active_wrong_type": ("active", "not-a-zset", "WRONGTYPE"),
+    "seq_not_a_number": ("seq", "abc", "not an integer"),
+}
+
+
+async def wait_until(
+    predicate: Callable[[], object],
+    *,
+    what: str,
+    worker: asyncio.Task[None] | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout``, or at once if the
+    ``worker`` task ended (a worker that died will never make it true)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if worker is not None and worker.done():
+            raise AssertionError(f"the worker ended while waiting for {what}: {worker}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(worker: qflow.Worker) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``worker`` in a task for the block (the task is yielded); stop it and wait for it after."""
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 5)
+    try:
+        yield task
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+
+
+def claim_warnings(caplog: pytest.LogCaptureFixture, queue: str) -> list[logging.LogRecord]:
+    """The WARNING records the fetcher logged for failed claims on ``queue``."""
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and f"claim on {queue} failed" in r.getMessage()
+    ]
+
+
+async def parked(app: qflow.App) -> bool:
+    """True while some connection is blocked in the idle fetcher's ``BLMOVE``."""
+    clients = await app.redis().client_list()
+    return any(c.get("cmd") == "blmove" and "b" in c.get("flags", "") for c in clients)
+
+
+@asynccontextmanager
+async def start_failing(
+    app: qflow.App, q: qflow.Queue, key: str, bad: str, *, idle: bool
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a worker whose claims on ``q`` fail because ``key`` holds ``bad``: with a job waiting before it
+    starts (its first call is a plain claim), or, ``idle``, parked with a claim behind its wait when the job
+    is pushed."""
+    r = app.redis()
+    settings = msgspec.structs.replace(FAST, claim_behind_wait=True)
+    if not idle:
+        await q.add("work", 1)
+        await r.set(key, bad)
+    async with running(qflow.Worker(app, settings=settings)) as task:
+        if idle:
+            await wait_until(lambda: parked(app), what="the idle fetcher to park", worker=task)
+            await r.set(key, bad)
+            await q.add("work", 1)
+        yield task
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["claim", "claim_behind_wait"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+async def test_claim_script_error_is_logged_and_the_worker_claims_again_after_repair(
+    app: qflow.App, caplog: pytest.LogCaptureFixture, corruption: str, idle: bool
+) -> None:
+    """A claim failing on a corrupt key logs a WARNING (queue, error); the worker lives on, runs new jobs."""
+    q = app.queue("claim_errors")
+    done: list[int] = []
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        done.append(job.payload)
+
+    field, bad, error_text = CORRUPTIONS[corruption]
+    key = getattr(q.keys, field)
+    with caplog.at_level(logging.INFO, logger="qflow"):
+        async with start_failing(app, q, key, bad, idle=idle) as task:
+            await wait_until(lambda: claim_warnings(caplog, q.name), what="a claim warning", worker=task)
+            for record in claim_warnings(caplog, q.name):
+                assert error_text in record.getMessage()
+            await app.redis().delete(key)
+            await q.add("work", 2)
+            await wait_until(lambda: 2 in done, what="a job added after the repair to run", worker=task)
+            assert not task.done()
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["claim", "claim_behind_wait"])
+async def test_failing_claims_back_off_and_leave_the_waiting_job_alone(
+    app: qflow.App, caplog: pytest.LogCaptureFixture, idle: bool
+) -> None:
+    """Claims failing at the script's first command back off exponentially; the job waits, then runs."""
+    q = app.queue("claim_backoff")
+    done: list[int] = []
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        done.append(job.payload)
+
+    with caplog.at_level(logging.INFO, logger="qflow"):
+        async with start_failing(app, q, q.keys.delayed, "x", idle=idle) as task:
+            await wait_until(
+                lambda: len(claim_warnings(caplog, q.name)) >= 3, what="3 claim warnings", worker=task
+            )
+            warnings = claim_warnings(caplog, q.name)
+            # 0.2 s then 0.4 s between them: backed off, not a busy loop of failing claims.
+            assert warnings[2].created - warnings[0].created >= 0.5
+            assert "retrying in 0.2s" in warnings[0].getMessage()
+            assert "retrying in 0.8s" in warnings[2].getMessage()
+            # The script failed before any write: the job is still waiting, and nothing ran.
+            assert await app.redis().llen(q.keys.wait) == 1
+            assert done == []
+            await app.redis().delete(q.keys.delayed)
+            await wait_until(lambda: done == [1], what="the waiting job to run after the repair", worker=task)
+
+
+async def test_stop_interrupts_the_claim_backoff(app: qflow.App, caplog: pytest.LogCaptureFixture) -> None:
+    """A stop during the fetcher's backoff after failed claims ends the worker at once, not later."""
+    q = app.queue("claim_backoff_stop")
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        return None
+
+    await q.add("work", 1)
+    await app.redis().set(q.keys.delayed, "not-a-zset")
+    worker = qflow.Worker(app, settings=FAST)
+    with caplog.at_level(logging.INFO, logger="qflow"):
+        task = asyncio.create_task(worker.run())
+        try:
+            # After the 4th failure the fetcher backs off for 1.6 s.
+            await wait_until(
+                lambda: len(claim_warnings(caplog, q.name)) >= 4, what="4 claim warnings", worker=task
+            )
+            assert not task.done()
+            t0 = time.monotonic()
+            worker.stop()
+            await asyncio.wait_for(task, 5)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            if not task.done():
+                worker.stop(fast=True)
+                await asyncio.wait_for(task, 15)
