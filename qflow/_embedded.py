@@ -16,6 +16,15 @@ Which directory (``server_for``), the first rule that applies:
 The first process that needs the server starts it, detached (its own session), so it outlives that process;
 the others attach. An exclusive file lock around "check, else start" makes two processes starting at the same
 instant end up on one server. A stale socket or pid file left by a crash is removed, not fatal.
+
+Files private to the user: the data directory is mode 0700 (created so; an existing one of this user is
+tightened, with a warning, and so are its files and subdirectories; one that belongs to another user, or is a
+symlink, is refused with a ``ConfigurationError``), and the server runs with umask 0077, so its AOF, log and
+pid files are 0600 and its socket 0700. When ``<home>/valkey.sock`` would be too long for a unix socket, the
+socket goes in this user's private runtime directory (``user_runtime_dir``: ``$XDG_RUNTIME_DIR/qflow``, else
+``<tmp>/qflow-<uid>``, held to the same rules), and its path is recorded in ``<home>/valkey.socket-path`` so
+every process finds the same one. Before connecting, a client checks that the socket and its directory belong
+to this user and that no other user can write that directory (``EmbeddedServer.verify``).
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,11 +54,67 @@ __all__ = (
     "embedded_disabled",
     "ensure_running",
     "find_project_root",
+    "private_dir",
     "server_for",
     "stop",
+    "user_runtime_dir",
 )
 
+log = logging.getLogger("qflow.embedded")
+
 _SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+_SOCKET_PATH_FILE = "valkey.socket-path"
+
+
+def user_runtime_dir() -> Path:
+    """This user's directory for sockets: ``$XDG_RUNTIME_DIR/qflow``, else ``<tmp>/qflow-<uid>``.
+
+    ``XDG_RUNTIME_DIR`` counts only when it is a directory of this user (``sudo`` or ``su`` can leave another
+    user's there). Not created here: ``private_dir`` creates it (mode 0700) or checks it before use.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        with contextlib.suppress(OSError):
+            st = os.stat(runtime)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                return Path(runtime) / "qflow"
+    return Path(tempfile.gettempdir()) / f"qflow-{os.getuid()}"
+
+
+def private_dir(path: Path, *, parents: bool = False) -> Path:
+    """Make ``path`` a directory only this user can enter: created with mode 0700, or tightened to 0700.
+
+    ``parents``: create missing parents first (with the default mode: they are not made private). Raises
+    ``PermissionError``, with a message for a person, when ``path`` is a symlink, not a directory, or belongs
+    to another user. The check and the ``fchmod`` are made on one descriptor opened without following a
+    symlink, so the directory cannot be swapped in between.
+    """
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if path.is_symlink():
+            raise PermissionError(f"{path} is a symbolic link: refusing to use it (remove it)") from None
+        raise PermissionError(f"{path} is not a usable directory ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise PermissionError(
+                f"{path} belongs to another user (uid {st.st_uid}, not {os.getuid()}): refusing to use it; "
+                "remove it or choose another directory"
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != 0o700:
+            os.fchmod(fd, 0o700)
+            if mode & 0o077:
+                log.warning("%s was mode %04o (open to other users): now 0700", path, mode)
+    finally:
+        os.close(fd)
+    return path
+
 
 PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 """What makes a directory a project root (``.git`` may be a file: worktrees and submodules have one)."""
@@ -63,12 +130,22 @@ class EmbeddedServer:
 
     @property
     def socket(self) -> Path:
-        """The unix socket clients connect to (in ``home``, or in the temp dir when that path is too long)."""
+        """The unix socket clients connect to: in ``home``, or, when that path is too long, the one recorded
+        in ``home`` by the process that started the server, else ``fallback_socket``."""
         path = self.home / "valkey.sock"
         if len(str(path)) <= _SOCKET_MAX:
             return path
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            recorded = Path((self.home / _SOCKET_PATH_FILE).read_text().strip())
+            if recorded.is_absolute() and len(str(recorded)) <= _SOCKET_MAX:
+                return recorded
+        return self.fallback_socket
+
+    @property
+    def fallback_socket(self) -> Path:
+        """Where the socket goes when ``home`` is too deep for one: this user's private runtime directory."""
         digest = hashlib.sha1(str(self.home).encode(), usedforsecurity=False).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"qflow-{digest}.sock"
+        return user_runtime_dir() / f"valkey-{digest}.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -99,8 +176,43 @@ class EmbeddedServer:
             return pid
         return pid
 
+    def verify(self) -> None:
+        """Refuse a server this user does not own: raises ``ConfigurationError`` when ``home``, the socket
+        or its directory belongs to another user, or another user may write the socket's directory (and so
+        put their own server's socket there). Nothing there yet is fine."""
+        me = os.getuid()
+        checks = [(self.home, "data directory"), (self.socket.parent, "socket directory")]
+        for path, what in checks:
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ConfigurationError(f"the embedded server's {what} {path}: {exc.strerror}") from None
+            if st.st_uid != me or stat.S_ISLNK(st.st_mode):
+                who = f"belongs to uid {st.st_uid}" if st.st_uid != me else "is a symbolic link"
+                raise ConfigurationError(
+                    f"the embedded server's {what} {path} {who}: refusing it (this user is uid {me}); "
+                    "set QFLOW_HOME to a directory of yours, or QFLOW_REDIS_URL"
+                )
+        sock_dir = self.socket.parent
+        with contextlib.suppress(FileNotFoundError):
+            if sock_dir.lstat().st_mode & 0o022:
+                raise ConfigurationError(
+                    f"the embedded server's socket directory {sock_dir} is writable by other users: refusing "
+                    "to connect; `qflow server start` makes it private (or chmod 700 it)"
+                )
+        with contextlib.suppress(FileNotFoundError):
+            owner = self.socket.lstat().st_uid
+            if owner != me:
+                raise ConfigurationError(
+                    f"the embedded server's socket {self.socket} belongs to uid {owner}, not to this user "
+                    f"(uid {me}): refusing to connect"
+                )
+
     def answers(self, timeout: float = 0.5) -> bool:
-        """True if a server answers PING on the socket."""
+        """True if a server answers PING on the socket; ``verify`` first (its ``ConfigurationError``)."""
+        self.verify()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
@@ -171,10 +283,49 @@ def server_for(
     return EmbeddedServer(here / ".qflow", reason=f"no {markers} in {here} or above: the current directory")
 
 
+def _secure(server: EmbeddedServer) -> None:
+    """Make ``home`` (and the runtime directory, if the socket is there) private, its files 0600; refuse
+    what belongs to another user (``ConfigurationError``)."""
+    try:
+        private_dir(server.home, parents=True)
+        if server.socket.parent != server.home:
+            private_dir(server.socket.parent)
+    except OSError as exc:  # PermissionError: refused (another user's, a symlink); else cannot be made
+        raise ConfigurationError(f"the embedded server's files: {exc}") from None
+    if len(os.fsencode(server.socket)) > _SOCKET_MAX:
+        raise ConfigurationError(
+            f"the embedded server's socket path {server.socket} is too long for a unix socket: set "
+            "QFLOW_HOME (or XDG_RUNTIME_DIR) to a shorter directory"
+        )
+    _tighten(server.home, depth=1)
+
+
+def _tighten(directory: Path, depth: int) -> None:
+    """Files of this user under ``directory`` (and ``depth`` levels of subdirectories) open to others: made
+    0600 (0700 for a directory). Symlinks are left alone; ``directory`` is private already, so nothing there
+    can be swapped."""
+    me = os.getuid()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != me or not st.st_mode & 0o077:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(entry.path, stat.S_IMODE(st.st_mode) & 0o700)
+            elif stat.S_ISDIR(st.st_mode):
+                os.chmod(entry.path, 0o700)
+                if depth > 0:
+                    _tighten(Path(entry.path), depth - 1)
+            else:
+                continue
+            log.warning("%s was mode %04o (open to other users): tightened", entry.path, st.st_mode & 0o777)
+
+
 @contextlib.contextmanager
 def _locked(server: EmbeddedServer) -> Iterator[None]:
-    server.home.mkdir(parents=True, exist_ok=True)
-    with open(server.home / "lock", "a+") as fh:
+    _secure(server)
+    fd = os.open(server.home / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -202,7 +353,12 @@ def _binary() -> str:
 
 
 def ensure_running(server: EmbeddedServer, *, startup_timeout: float = 10.0) -> bool:
-    """Start the server unless one already answers; returns True if this call started it."""
+    """Start the server unless one already answers; returns True if this call started it.
+
+    Makes the data directory private first (see the module's docstring); a directory, socket or server of
+    another user is refused with a ``ConfigurationError``.
+    """
+    _secure(server)
     if server.answers():
         return False
     with _locked(server):
@@ -216,6 +372,8 @@ def ensure_running(server: EmbeddedServer, *, startup_timeout: float = 10.0) -> 
         for leftover in (server.socket, server.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+        _record_socket(server)
+        _secure(server)  # again: the socket's directory may be a new one
         args = [
             _binary(),
             "--port", "0",  # no TCP listener: the unix socket only
@@ -237,6 +395,7 @@ def ensure_running(server: EmbeddedServer, *, startup_timeout: float = 10.0) -> 
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
+            umask=0o077,  # the AOF, log and pid file: 0600, readable by this user only
             timeout=startup_timeout,
             check=False,
         )
@@ -253,6 +412,19 @@ def ensure_running(server: EmbeddedServer, *, startup_timeout: float = 10.0) -> 
                 )
             time.sleep(0.01)
         return True
+
+
+def _record_socket(server: EmbeddedServer) -> None:
+    """Record where a server about to start puts its socket when ``home`` is too deep for it: this process's
+    ``fallback_socket``, which every other process then uses, whatever its ``XDG_RUNTIME_DIR`` or temp dir."""
+    record = server.home / _SOCKET_PATH_FILE
+    if len(str(server.home / "valkey.sock")) <= _SOCKET_MAX:
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        return
+    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as fh:
+        fh.write(f"{server.fallback_socket}\n")
 
 
 _announced: set[Path] = set()  # process-wide on purpose: the notice is "once per process", like a warning

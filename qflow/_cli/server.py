@@ -10,13 +10,25 @@ import argparse
 import sys
 
 from .exitcodes import ExitCode
-from .output import print_json
+from .output import fail, print_json
 
 __all__ = ("cmd_server",)
 
 
 def cmd_server(args: argparse.Namespace) -> ExitCode:
-    """``qflow server status|start|stop``: the project's embedded Valkey server, and why that one."""
+    """``qflow server status|start|stop``: the project's embedded Valkey server, and why that one.
+
+    A data directory, socket or server of another user is refused: exit ``CONFIG`` with the reason.
+    """
+    from ..exceptions import ConfigurationError
+
+    try:
+        return _server(args)
+    except ConfigurationError as exc:
+        return fail(ExitCode.CONFIG, str(exc))
+
+
+def _server(args: argparse.Namespace) -> ExitCode:
     import dataclasses
 
     from .. import _embedded
