@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .control import control_request, find_supervisors, run_dir
+from .control import MAX_PROCESSES, control_request, find_supervisors, run_dir
 from .exitcodes import ExitCode
 from .importer import BadTarget, split_target
 from .output import fail, out, print_json
@@ -49,10 +49,13 @@ def cmd_scale(args: argparse.Namespace) -> ExitCode:
                 request = {"cmd": "scale", "delta": int(text)}
             else:
                 request = {"cmd": "scale", "n": int(text)}
-            if request.get("n", 1) < 1:
+            if not 1 <= request.get("n", 1) <= MAX_PROCESSES or abs(request.get("delta", 0)) > MAX_PROCESSES:
                 raise ValueError(text)
         except ValueError:
-            return fail(ExitCode.USAGE, f"N must be a count >= 1, +K or -K, got {args.count!r}")
+            return fail(
+                ExitCode.USAGE,
+                f"N must be a count from 1 to {MAX_PROCESSES}, +K or -K, got {args.count!r}",
+            )
     replies = []
     for path in matches:
         try:
@@ -61,6 +64,8 @@ def cmd_scale(args: argparse.Namespace) -> ExitCode:
                 reply = _wait_scaled(path, reply)
         except (OSError, ValueError) as exc:
             return fail(ExitCode.NOT_FOUND, f"cannot reach the supervisor at {path}: {exc}")
+        if "error" in reply:
+            return fail(ExitCode.USAGE, f"the supervisor at {path} refused the request: {reply['error']}")
         replies.append(reply)
     if args.json:
         print_json(replies)
@@ -87,6 +92,8 @@ def _wait_scaled(path: Path, reply: dict[str, Any], timeout: float = 60.0) -> di
             return reply
         time.sleep(0.05)
         reply = _control(path)
+        if "error" in reply:
+            return reply
     return reply
 
 
