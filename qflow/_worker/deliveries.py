@@ -128,7 +128,8 @@ class Delivery:
     """One claimed job in this process: its id, fencing token, raw envelope, state and handler task."""
 
     __slots__ = (
-        "ack", "attempts", "env", "envelope", "holds_slot", "id", "raw", "stalls", "state", "task", "token",
+        "ack", "attempts", "env", "envelope", "holds_slot", "id", "raw", "stalls", "state", "task", "thread",
+        "token",
     )  # fmt: skip
 
     def __init__(self, job: Claimed) -> None:
@@ -148,6 +149,8 @@ class Delivery:
         self.ack: asyncio.Future[bool] | None = None
         """The completion on its way to Redis once the handler returned (its callback finishes ``self``)."""
         self.holds_slot = True  # counted in Slots.held until the handler finishes (given back exactly once)
+        self.thread: asyncio.Future[Any] | None = None
+        """A sync handler's thread, as a future; it may outlive the run (a timeout, a lost lease)."""
 
     def __repr__(self) -> str:
         return f"<Delivery {self.id!r} {self.state.value}>"
@@ -251,6 +254,10 @@ class Slots:
             self._event.clear()
             await wait_first(self._event.wait(), stop.wait())
         return 0
+
+    def keep(self) -> None:
+        """Hold one more slot, outside any delivery (a sync handler's thread that outlived its run)."""
+        self.held += 1
 
     def give(self, n: int = 1) -> None:
         """Return ``n`` slots (handlers finished, or a claim brought fewer jobs than asked)."""

@@ -4,6 +4,10 @@ Each processor has ``concurrency`` *lanes*: tasks that run its jobs one after an
 thread, never on the event loop). A claimed job starts a new lane while the processor has fewer, else it
 waits in line for the next free one. A job that needs no handler (an undecodable envelope, an unknown name)
 is failed by a one-off task. A handler's outcome goes to the acker (``acks.py``).
+
+A thread cannot be stopped: when a sync handler's run ends before its thread does (its timeout, a lost
+lease), the outcome is recorded at once, but the lane (and one claim slot) waits for the thread to end
+before its next job, so a processor never has more than ``concurrency`` threads running in a process.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class Lanes:
             nxt: Delivery | None = d
             while nxt is not None:
                 await self._run_one(r, nxt, task, self._execute, proc)
+                thread = nxt.thread
+                if thread is not None and not thread.done():
+                    await self._outlived(r, proc, nxt, thread)
                 nxt = None
                 while lanes.ready and not shared.stopping:
                     candidate = lanes.ready.popleft()
@@ -108,6 +115,30 @@ class Lanes:
                     shared.finish(r, candidate, handled=False)  # lost or released while it waited
         finally:
             lanes.running -= 1
+
+    async def _outlived(
+        self, r: QueueRunner, proc: Processor[Any, Any], d: Delivery, thread: asyncio.Future[Any]
+    ) -> None:
+        """The run of ``d`` ended (timeout, lost lease) while its sync handler's thread still runs: hold the
+        lane, and one claim slot, until the thread ends. At a stop the lane lets go (the thread runs on)."""
+        shared = self.shared
+        stop = shared.stop
+        if shared.stopping or stop is None:
+            return
+        log.warning(
+            "job %s:%s: its sync handler runs on after its run ended (a thread cannot be stopped); "
+            "one lane of %s waits for it",
+            r.queue.name,
+            d.id,
+            proc.name,
+        )
+        r.slots.keep()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((thread, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            r.slots.give(1)
 
     async def _run_one(
         self,
@@ -172,7 +203,7 @@ class Lanes:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            result = await self._call(r, proc, job, timeout)
+            result = await self._call(r, d, proc, job, timeout)
         except asyncio.CancelledError:
             raise
         except _HandlerTimeout as exc:
@@ -212,7 +243,7 @@ class Lanes:
             await acker.fail(r, d, info, spent=True)
 
     async def _call(
-        self, r: QueueRunner, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
+        self, r: QueueRunner, d: Delivery, proc: Processor[Any, Any], job: Job[Any], timeout: float | None
     ) -> Any:
         """Call the handler: a coroutine on the loop, a sync function in a thread; bounded by ``timeout``."""
         # No typing.cast here: it is a Python call, and this runs once per job (proc.fn returns Any anyway).
@@ -220,11 +251,14 @@ class Lanes:
         if proc.is_async:
             coro = proc.fn(job)
         else:
-            # A sync handler never runs on the event loop. On timeout the thread cannot be interrupted: it
-            # is abandoned (its result ignored) and the job moves on.
-            coro = anyio.to_thread.run_sync(
-                proc.fn, job, limiter=r.limiters[proc.name], abandon_on_cancel=True
+            # A sync handler never runs on the event loop. A thread cannot be interrupted: on timeout (or a
+            # cancel) the run ends and its result is ignored, but the shielded thread keeps its limiter
+            # token, and the lane waits for it (``d.thread``) before its next job.
+            thread = asyncio.ensure_future(
+                anyio.to_thread.run_sync(proc.fn, job, limiter=r.limiters[proc.name], abandon_on_cancel=True)
             )
+            d.thread = thread
+            coro = asyncio.shield(thread)
         if timeout is None:
             return await coro
         try:
