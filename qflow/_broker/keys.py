@@ -131,7 +131,11 @@ class FleetKeys:
 
     @property
     def workers(self) -> str:
-        """Sorted set: worker id -> last heartbeat (ms, server clock); stale members are pruned by readers."""
+        """Sorted set: worker id -> last heartbeat (ms, server clock).
+
+        Every heartbeat (``qflow._fleet``) prunes members silent for longer than the heartbeat TTL; readers
+        also drop members whose hash has expired.
+        """
         return f"{self.prefix}:{{#fleet}}:workers"
 
     def worker(self, worker_id: str) -> str:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .control import MAX_PROCESSES
 from .exitcodes import MEANING, ExitCode
 from .logs import LOG_LEVELS
 
@@ -56,6 +57,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _process_count(text: str) -> int:
+    # The same ceiling as `qflow scale` (control.MAX_PROCESSES): a typo such as -p 40000 would fork until
+    # the machine falls over.
+    value = _positive_int(text)
+    if value > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_PROCESSES}, got {value}")
     return value
 
 
@@ -117,7 +127,7 @@ def _queues(text: str) -> list[str]:
 
 # dest -> (environment variable, converter, default)
 WORKER_ENV: dict[str, tuple[str, Callable[[str], Any], Any]] = {
-    "processes": ("QFLOW_PROCESSES", _positive_int, 1),
+    "processes": ("QFLOW_PROCESSES", _process_count, 1),
     "concurrency": ("QFLOW_CONCURRENCY", _positive_int, None),
     "queues": ("QFLOW_QUEUES", _queues, None),
     "burst": ("QFLOW_BURST", _flag, False),
@@ -206,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     procs.add_argument(
         "-p",
         "--processes",
-        type=_positive_int,
+        type=_process_count,
         metavar="N",
         help="worker processes (default 1) [QFLOW_PROCESSES]",
     )
     procs.add_argument(
-        "-w", "--workers", dest="processes", type=_positive_int, metavar="N", help="same as -p"
+        "-w", "--workers", dest="processes", type=_process_count, metavar="N", help="same as -p"
     )
     w.add_argument(
         "-c",
