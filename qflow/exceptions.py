@@ -8,6 +8,8 @@ QflowError
 ├── UnknownJobName              ``add`` names no processor registered on that queue (also a LookupError)
 ├── BrokerError                 Redis could not do what was asked
 │   ├── BrokerUnavailable       unreachable, or silent past the socket timeout (also a ConnectionError)
+│   │   └── ClientPoolExhausted every connection of this process's pool stayed busy (a client-side limit)
+│   ├── BrokerAuthError         credentials, permissions (ACL) or TLS verification refused: not retried
 │   ├── BrokerFull              refused a write: maxmemory reached (noeviction)
 │   └── SchemaMismatch          the queue's data was written by an incompatible qflow
 └── JobError                    about one job: ``job_id`` says which
@@ -29,9 +31,11 @@ import math
 from typing import Any
 
 __all__ = (
+    "BrokerAuthError",
     "BrokerError",
     "BrokerFull",
     "BrokerUnavailable",
+    "ClientPoolExhausted",
     "ConfigurationError",
     "JobError",
     "JobFailed",
@@ -72,6 +76,32 @@ class BrokerError(QflowError):
 
 class BrokerUnavailable(BrokerError, ConnectionError):
     """Redis could not be reached, or did not answer within the socket timeout."""
+
+
+class ClientPoolExhausted(BrokerUnavailable):
+    """Every connection of one of this process's Redis pools stayed busy past the wait for a free one.
+
+    A limit on this side, not a silent server: too many Redis calls at once in this process, or connections
+    held for long (subscriptions, blocking commands on ``app.redis()``). The message names the pool, its size
+    and the setting that raises it (``App(max_connections=...)``). Like ``BrokerUnavailable`` (its base, so
+    retry loops keep working) it is transient: retrying once calls finish is safe.
+    """
+
+
+class BrokerAuthError(BrokerError):
+    """Redis refused qflow's credentials or permissions, or its TLS certificate failed verification.
+
+    A wrong user or password (``WRONGPASS``, ``NOAUTH``), an ACL user lacking a command or the queue's keys
+    (``NOPERM``), or a certificate the client does not trust. Retrying cannot help: fix the Redis URL, the
+    ACL user or the certificates. ``reason`` says which: ``"credentials"``, ``"permission"`` or ``"tls"``.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_auth, (self.args, self.reason))
 
 
 class BrokerFull(BrokerError):
@@ -138,6 +168,10 @@ class Retry(Exception):
             raise ConfigurationError(f"Retry delay must be a finite number >= 0 (seconds), got {delay!r}")
         super().__init__(reason or f"retry requested (delay {delay}s)")
         self.delay = float(delay)
+
+
+def _rebuild_auth(args: tuple[Any, ...], reason: str) -> BrokerAuthError:
+    return BrokerAuthError(*args, reason=reason)
 
 
 def _rebuild(cls: type[JobError], args: tuple[Any, ...], state: dict[str, Any]) -> JobError:

@@ -1,5 +1,11 @@
 """The one place that maps redis-py's errors to qflow's.
 
+- credentials refused (``AuthenticationError``: ``WRONGPASS``, ``NOAUTH``, AUTH to a server without a
+  password), a command or key an ACL denies (``NoPermissionError``, ``NOPERM``, "ACL failure in script"), a
+  TLS certificate that failed verification (``ssl.SSLCertVerificationError`` behind a ``ConnectionError``)
+  -> ``BrokerAuthError``, never retried: checked before the classes below, which some of these subclass;
+- every connection of one of this process's pools busy (``MaxConnectionsError``, or the "Too many
+  connections" / "No connection available." of redis-py's pools) -> ``ClientPoolExhausted``;
 - a connection that failed, dropped or stayed silent past the socket timeout (``redis.exceptions.
   ConnectionError``, ``TimeoutError``) -> ``BrokerUnavailable``;
 - an out-of-memory reply (``OutOfMemoryError``, the class redis-py gives the server's ``-OOM`` error, found
@@ -12,13 +18,23 @@ few that log an unexpected error reply and carry on (an idle fetcher's wait) nam
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 
 from redis import exceptions as rexc
 
-from ..exceptions import BrokerFull, BrokerUnavailable, SchemaMismatch
+from ..exceptions import BrokerAuthError, BrokerFull, BrokerUnavailable, ClientPoolExhausted, SchemaMismatch
 
-__all__ = ("UNAVAILABLE", "ErrorReply", "NoScript", "OutOfMemory", "is_timeout", "translate", "translated")
+__all__ = (
+    "UNAVAILABLE",
+    "ErrorReply",
+    "NoScript",
+    "OutOfMemory",
+    "auth_failure",
+    "is_timeout",
+    "translate",
+    "translated",
+)
 
 ErrorReply = rexc.ResponseError
 """An error reply from the server, of any kind ``translate`` leaves alone (e.g. an ACL refusing a command)."""
@@ -33,8 +49,55 @@ UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError)
 """redis-py's errors for a connection that failed, dropped, or stayed silent past the socket timeout."""
 
 
+_POOL_FULL = ("Too many connections", "No connection available.")  # redis-py 5.3 to 8, both pool kinds
+_REFUSED_REPLIES = ("NOPERM", "WRONGPASS", "NOAUTH")  # an error reply starting so, whatever class it got
+_HINTS = {
+    "credentials": "check the user name and password in the Redis URL (redis://USER:PASSWORD@HOST:PORT/DB)",
+    "permission": "the URL's Redis user (ACL) needs qflow's commands on its keys, e.g. ACL SETUSER <user> "
+    "on >PASSWORD '~<prefix>:*' +@all -@dangerous +info +client|id +client|unblock",
+    "tls": "trust the server's certificate authority (rediss://HOST:PORT/DB?ssl_ca_certs=/path/to/ca.pem) "
+    "or fix the server's certificate",
+}
+
+
+def auth_failure(exc: BaseException) -> str | None:
+    """``"credentials"``, ``"permission"`` or ``"tls"`` if ``exc`` is Redis refusing who we are or what we
+    may do, or a TLS certificate that failed verification; None for anything else."""
+    if isinstance(exc, rexc.AuthorizationError | rexc.NoPermissionError):
+        return "permission"
+    if isinstance(exc, rexc.AuthenticationError):
+        return "credentials"
+    if isinstance(exc, rexc.ResponseError):
+        text = str(exc)
+        if text.startswith(_REFUSED_REPLIES):
+            return "permission" if text.startswith("NOPERM") else "credentials"
+        # An ACL refusing a command or an undeclared key inside a script: "ACL failure in script: ..."
+        return "permission" if "ACL failure in script" in text else None
+    if isinstance(exc, rexc.ConnectionError):
+        seen: BaseException | None = exc
+        for _ in range(5):  # redis-py raises ConnectionError inside `except OSError`: the cause is a context
+            if seen is None:
+                break
+            if isinstance(seen, ssl.SSLCertVerificationError):
+                return "tls"
+            seen = seen.__cause__ or seen.__context__
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return "tls"
+    return None
+
+
 def translate(exc: Exception, what: str) -> Exception:
     """qflow's error for redis-py's ``exc`` raised by ``what`` (e.g. "script 'add'"), or ``exc`` itself."""
+    reason = auth_failure(exc)
+    if reason is not None:
+        refused = "TLS certificate verification failed" if reason == "tls" else "Redis refused"
+        return BrokerAuthError(
+            f"{refused} for {what}: {exc} -- {_HINTS[reason]}; retrying does not help", reason=reason
+        )
+    if isinstance(exc, rexc.MaxConnectionsError) or (
+        isinstance(exc, rexc.ConnectionError) and str(exc) in _POOL_FULL
+    ):
+        return ClientPoolExhausted(f"no free Redis connection for {what}: {exc}")
     if isinstance(exc, UNAVAILABLE):
         return BrokerUnavailable(f"Redis did not answer {what}: {exc}")
     if isinstance(exc, OutOfMemory):
