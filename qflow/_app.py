@@ -1,7 +1,18 @@
-"""``App``: settings, the Redis connection, and the registry of queues and processors.
+"""``App``: settings, the Redis connections, and the registry of queues and processors.
 
 Constructing an ``App``, declaring queues and decorating processors only records metadata: no I/O, no event
-loop, no thread. The connection opens on first use, inside a running event loop.
+loop, no thread. Connections open on first use, inside a running event loop, in three pools per loop that
+never lend each other a connection (DESIGN.md: the worker's own traffic never waits behind user traffic):
+
+- ``redis()``: commands (adds, status, a result's read, admin, your own calls), at most ``max_connections``;
+- blocking result waits (``Job.result``), at most ``max_result_waits`` at once, so waits cannot starve
+  commands however many callers wait;
+- the worker's own traffic (claims, acks, lease renewals, recovery, heartbeat), created only in a process
+  that runs a worker, a few connections sized by its queues.
+
+A pool whose connections all stay busy makes a call wait for one, then raise ``ClientPoolExhausted`` naming
+the pool and its size (redis-py's own pool raises "Too many connections" at once, which a worker once took
+for a dead server: issue 12 item 2).
 """
 
 from __future__ import annotations
@@ -9,22 +20,26 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
+from ._broker import commands
 from ._broker.keys import check_queue_name
-from ._settings import RetentionSettings, WorkerSettings
+from ._settings import RetentionSettings, WorkerSettings, check_number
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from ._queue import Queue
 
-__all__ = ("App", "configured_url", "resolve_url")
+__all__ = ("App", "ResultWaits", "configured_url", "resolve_url")
 
 _URL_VARS = ("QFLOW_REDIS_URL", "REDIS_URL")
+MAX_POOL = 10_000
+"""The most connections one pool may have: a Redis server's default ``maxclients``."""
 
 
 class App:
@@ -33,6 +48,11 @@ class App:
     ``url`` is a Redis URL; without one, ``QFLOW_REDIS_URL`` then ``REDIS_URL`` are read when the first
     connection opens, and with none of them the project's embedded server is used (``resolve_url()``).
     Producers (an API process) and workers import the same ``App``; only the entry point differs.
+
+    Connections, per event loop: ``max_connections`` (default 100) for commands (``redis()``), and
+    ``max_result_waits`` (default 50) for ``Job.result`` calls blocking on the server at once; a process that
+    runs a worker also has the worker's own few (see the module docstring). Connections open as calls need
+    them, so a quiet producer holds one or two.
     """
 
     def __init__(
@@ -45,6 +65,8 @@ class App:
         connect_timeout: float = 5.0,
         worker: WorkerSettings | None = None,
         retention: RetentionSettings | None = None,
+        max_connections: int = 100,
+        max_result_waits: int = 50,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, without braces")
@@ -52,6 +74,8 @@ class App:
             raise ConfigurationError(f"max_payload_bytes must be >= 1, got {max_payload_bytes!r}")
         if socket_timeout <= 0 or connect_timeout <= 0:
             raise ConfigurationError("socket_timeout and connect_timeout must be > 0 seconds")
+        check_number("max_connections", max_connections, ge=1, le=MAX_POOL, integer=True)
+        check_number("max_result_waits", max_result_waits, ge=1, le=MAX_POOL, integer=True)
         self._url = url
         self.prefix = prefix
         self.max_payload_bytes = max_payload_bytes
@@ -59,8 +83,12 @@ class App:
         self.connect_timeout = connect_timeout
         self.worker_settings = worker or WorkerSettings()
         self.retention = retention or RetentionSettings()
+        self.max_connections = max_connections
+        self.max_result_waits = max_result_waits
         self._queues: dict[str, Queue] = {}
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._waits: dict[asyncio.AbstractEventLoop, ResultWaits] = {}
+        self._worker_clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
 
     def __repr__(self) -> str:
         return f"<qflow.App prefix={self.prefix!r} queues={sorted(self._queues)}>"
@@ -116,37 +144,100 @@ class App:
         return dict(self._queues)
 
     def redis(self) -> aioredis.Redis:
-        """The connection pool for the running event loop (created on first use; no I/O until a command).
+        """The client for commands in the running event loop (created on first use; no I/O until a command).
 
-        Socket timeouts are always set, so a dead TCP path or a silent server surfaces in seconds
+        Adds, status and result reads, admin calls, and your own commands go through it: at most
+        ``max_connections`` at once; a call finding all of them busy waits up to ``socket_timeout`` for one,
+        then raises ``ClientPoolExhausted``. Blocking result waits and a worker's own traffic have pools of
+        their own. Socket timeouts are always set, so a dead TCP path or a silent server surfaces in seconds
         (redis-py's defaults can wait forever).
         """
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            for old_loop in [lp for lp in self._clients if lp.is_closed()]:
-                del self._clients[old_loop]
-            url = self.resolve_url()
-            tcp_only = {} if url.startswith("unix:") else {"socket_keepalive": True}
-            client = aioredis.Redis.from_url(
-                url,
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.connect_timeout,
-                health_check_interval=30,
-                **tcp_only,
-                # No retries inside redis-py: they nest (pool, connection, command) and multiply the socket
-                # timeout ~9x for a silent server. qflow retries where it is safe and bounded instead.
-                retry=RedisRetry(NoBackoff(), retries=0),
-                decode_responses=False,
+            self._forget_closed_loops()
+            client = self._client(
+                f"all {{n}} connections of this process's Redis pool for commands (App(max_connections="
+                f"{self.max_connections})) stayed busy for {{timeout:g}}s: too many Redis calls at once, or "
+                "connections held long (subscriptions, blocking commands on app.redis()); raise "
+                "App(max_connections=...) or make fewer calls at once",
+                self.max_connections,
             )
             self._clients[loop] = client
         return client
 
+    def _result_waits(self) -> ResultWaits:
+        """The blocking result waits of the running event loop: a pool of ``max_result_waits`` connections
+        that only ``Job.result`` blocks on, so waiting callers never hold the connections commands need."""
+        loop = asyncio.get_running_loop()
+        waits = self._waits.get(loop)
+        if waits is None:
+            self._forget_closed_loops()
+            client = self._client(
+                f"all {{n}} connections of this process's pool for result waits (App(max_result_waits="
+                f"{self.max_result_waits})) stayed busy for {{timeout:g}}s",
+                self.max_result_waits,
+            )
+            waits = self._waits[loop] = ResultWaits(client, self.max_result_waits)
+        return waits
+
+    def _worker_redis(self) -> aioredis.Redis:
+        """The worker's own client in the running event loop: claims, acks, lease renewals, recovery and the
+        fleet heartbeat, never handed to user code (a handler's adds and result waits use the other pools).
+
+        Sized for the worker's long holders (one blocking fetch wait per queue) plus the short calls, which
+        wait their turn for a moment rather than fail: ``2 x queues + 8`` connections.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._worker_clients.get(loop)
+        if client is None:
+            self._forget_closed_loops()
+            size = 2 * sum(1 for q in self._queues.values() if q.processors) + 8
+            client = self._client(
+                "all {n} connections of the worker's own Redis pool (claims, acks, lease renewals, recovery: "
+                "2 per queue + 8) stayed busy for {timeout:g}s: Redis answers too slowly",
+                size,
+            )
+            self._worker_clients[loop] = client
+        return client
+
+    def _client(self, exhausted: str, size: int) -> aioredis.Redis:
+        """A client on a pool of ``size`` connections to ``resolve_url()``; ``exhausted`` is the error text
+        when none frees within the socket timeout (``{n}``: the size, ``{timeout}``: the wait)."""
+        url = self.resolve_url()
+        tcp_only = {} if url.startswith("unix:") else {"socket_keepalive": True}
+        pool = _Pool.from_url(
+            url,
+            exhausted=exhausted,
+            max_connections=size,
+            timeout=self.socket_timeout,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            health_check_interval=30,
+            **tcp_only,
+            # No retries inside redis-py: they nest (pool, connection, command) and multiply the socket
+            # timeout ~9x for a silent server. qflow retries where it is safe and bounded instead.
+            retry=RedisRetry(NoBackoff(), retries=0),
+            decode_responses=False,
+        )
+        return aioredis.Redis.from_pool(pool)
+
+    def _forget_closed_loops(self) -> None:
+        for pools in (self._clients, self._waits, self._worker_clients):
+            for old_loop in [lp for lp in pools if lp.is_closed()]:
+                del pools[old_loop]
+
     async def close(self) -> None:
-        """Close this event loop's connection pool."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        """Close this event loop's connections (all three pools)."""
+        loop = asyncio.get_running_loop()
+        waits = self._waits.pop(loop, None)
+        for client in (
+            self._clients.pop(loop, None),
+            None if waits is None else waits.client,
+            self._worker_clients.pop(loop, None),
+        ):
+            if client is not None:
+                await client.aclose()
 
     async def __aenter__(self) -> App:
         return self
@@ -210,3 +301,62 @@ def configured_url(url: str | None = None) -> str | None:
         if value:
             return value
     return None
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """A pool where a call finding every connection busy waits for one (up to ``timeout``) instead of
+    failing at once, and then fails naming the pool, its size and what to do (``MaxConnectionsError``,
+    which ``_broker.errors`` turns into ``ClientPoolExhausted``)."""
+
+    def __init__(self, *, exhausted: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.exhausted = exhausted
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except rexc.ConnectionError as exc:
+            if str(exc) != "No connection available.":  # the pool's own timeout, in redis-py 5.3 to 8
+                raise
+            text = self.exhausted.format(n=self.max_connections, timeout=self.timeout)
+            raise rexc.MaxConnectionsError(text) from exc
+
+
+class ResultWaits:
+    """The blocking result waits of one event loop: a client, and as many slots as it has connections.
+
+    A wait takes a slot, then blocks on the server on a connection no command needs. With every slot taken
+    a caller queues for one, up to its own timeout, and returns empty-handed: ``Job.result`` then reads the
+    job's state again (through ``App.redis()``) before it waits once more, so a process with more waiters
+    than slots sees each outcome within one wait chunk (about 2 s), and no wait ever raises for want of a
+    connection.
+    """
+
+    __slots__ = ("client", "slots")
+
+    def __init__(self, client: aioredis.Redis, size: int) -> None:
+        self.client = client
+        self.slots = asyncio.Semaphore(size)
+
+    async def wait_for_push(self, key: str, timeout: float) -> None:
+        """Block until ``key`` (a list) holds an element or ``timeout`` seconds pass (less than the socket
+        timeout); return early, having waited at most ``timeout``, when no slot freed in time."""
+        slots = self.slots
+        if slots.locked():
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                return
+            timeout = deadline - loop.time()
+            if timeout < 0.01:  # BLMOVE with a timeout of 0 would block forever
+                slots.release()
+                return
+        else:
+            await slots.acquire()  # free: no wait
+        try:
+            await commands.wait_for_push(self.client, key, timeout)
+        finally:
+            slots.release()

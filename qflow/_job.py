@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _codec
-from ._broker import commands, scripts
+from ._broker import scripts
 from ._broker.errors import translated
 from ._settings import check_number
 from ._state import State
@@ -60,11 +60,15 @@ class Job(Generic[T]):
 
         Raises ``JobFailed`` if it failed, ``ResultTimeout`` after ``timeout`` seconds (``None``: wait
         forever), ``JobNotFound`` if there is no such job. Waiting blocks on the server; it does not poll.
+        The blocking waits of one process share a pool of their own (``App(max_result_waits=)``), so they
+        never take the connections ``add`` and other commands need; past that many concurrent waits, the
+        extra ones queue for a connection and read the job's state again about every 2 s meanwhile.
         """
         if timeout is not None:
             check_number("timeout", timeout, ge=0, unit="seconds, or None to wait until the job finishes")
         app = self.queue.app
         client = app.redis()
+        waits = app._result_waits()
         keys = self.queue.keys
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -95,7 +99,7 @@ class Job(Generic[T]):
                         job_id=self.id,
                     )
                 wait = min(wait, remaining)
-            await commands.wait_for_push(client, notify, wait)
+            await waits.wait_for_push(notify, wait)
 
 
 def _text(value: bytes | str) -> str:

@@ -92,7 +92,7 @@ class Acker:
         keep_age = -1 if ret.failed_age is None else int(ret.failed_age * 1000)
         fail = functools.partial(
             scripts.fail,
-            shared.app.redis(),
+            shared.redis(),
             r.keys,
             d.raw,
             d.token,
@@ -117,7 +117,7 @@ class Acker:
         shared = self.shared
         retry = functools.partial(
             scripts.retry,
-            shared.app.redis(),
+            shared.redis(),
             r.keys,
             d.raw,
             d.token,
@@ -134,7 +134,7 @@ class Acker:
 
     async def run(self, r: QueueRunner) -> None:
         """The acker of one queue: send the completions queued since the last batch, as one script call."""
-        client = self.shared.app.redis()
+        client = self.shared.redis()
         lease_ttl = self.shared.settings.lease_ttl
         ret = r.queue.retention
         keep_age = -1 if ret.completed_age is None else int(ret.completed_age * 1000)

@@ -57,7 +57,7 @@ class Leases:
             (r.keys, [(d.raw, d.token) for d in held.values()]) for r, held in zip(runners, sent, strict=True)
         ]
         losses = await scripts.renew_all(
-            shared.app.redis(), renewals, lease_ms=int(shared.settings.lease_ttl * 1000)
+            shared.redis(), renewals, lease_ms=int(shared.settings.lease_ttl * 1000)
         )
         for r, held, lost in zip(runners, sent, losses, strict=True):
             cancelled = []
@@ -106,7 +106,7 @@ class Leases:
             )
         )
         res = await scripts.recover(
-            shared.app.redis(),
+            shared.redis(),
             queue.keys,
             checker=shared.id,
             lock_ms=max(1, int(s.check_interval * 800)),

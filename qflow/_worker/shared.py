@@ -1,4 +1,5 @@
-"""What the worker's parts share: configuration, the per-queue runners, the stop signal, the counters.
+"""What the worker's parts share: configuration, the worker's own Redis client, the per-queue runners, the
+stop signal, the counters.
 
 ``Worker`` builds one ``Shared`` and hands it to each part (fetch, lanes, acks, leases, drain). A part keeps
 its own state to itself; what two parts both read or write lives here, so each part reads alone.
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from .._app import App
     from .._settings import WorkerSettings
     from .deliveries import Delivery, QueueRunner
@@ -60,6 +63,15 @@ class Shared:
         self.jobs_retried = 0
         self.jobs_handled = 0
         self.stale_acks = 0
+
+    def redis(self) -> aioredis.Redis:
+        """The worker's own Redis client (claims, acks, lease renewals, recovery), in the running loop.
+
+        Never the one handlers use: their adds and result waits go through ``app.redis()`` and the result
+        waits' pool, so however many connections user code holds, renewals and acks still get theirs
+        (DESIGN.md; issue 12 item 2). Call it where a part starts, or per call off the hot path.
+        """
+        return self.app._worker_redis()
 
     def begin(self) -> None:
         """A fresh stop event for a run of the worker."""

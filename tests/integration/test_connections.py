@@ -1,0 +1,144 @@
+"""Connections against a real server: the worker's own traffic never waits behind user traffic (renewals and
+acks on their own pool), blocking result waits never starve commands, and a full client pool says so
+(issue 12 item 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+import qflow
+from qflow.exceptions import ClientPoolExhausted
+from qflow.testing import FAST
+
+
+async def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) -> None:
+    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(worker: qflow.Worker) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``worker`` in a task for the body of the block; stop it gracefully and wait for it after."""
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 10)
+    try:
+        yield task
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(app: qflow.App) -> None:
+    """130 handlers each awaiting another job's result: every job runs once and completes, no lease lost."""
+    n = 130  # more than redis-py's default pool of 100 connections
+    hold = 3 * FAST.lease_ttl  # the children run for several renewal intervals while 130 results are awaited
+    q = app.queue("fanout")
+    runs: collections.Counter[tuple[str, int]] = collections.Counter()
+    waiting = 0
+
+    @q.processor(concurrency=n)
+    async def child(job: qflow.Job[int]) -> int:
+        runs["child", job.payload] += 1
+        await asyncio.sleep(hold)
+        return job.payload * 2
+
+    @q.processor(concurrency=n)
+    async def parent(job: qflow.Job[int]) -> int:
+        nonlocal waiting
+        runs["parent", job.payload] += 1
+        sub = await q.add("child", job.payload)
+        waiting += 1
+        try:
+            return int(await sub.result(timeout=60))
+        finally:
+            waiting -= 1
+
+    worker = qflow.Worker(app, settings=FAST)
+    async with running(worker):
+        parents = [await q.add("parent", i) for i in range(n)]
+        await wait_until(lambda: waiting == n, timeout=30, what=f"{n} parents awaiting their child's result")
+        results = await asyncio.gather(*(p.result(timeout=60) for p in parents))
+    assert results == [2 * i for i in range(n)]
+    assert runs == {**{("parent", i): 1 for i in range(n)}, **{("child", i): 1 for i in range(n)}}
+    assert worker.stale_acks == 0
+    assert worker.jobs_done == 2 * n
+    stats = await q.stats()
+    assert (stats.get("retried", 0), stats.get("stalled", 0), stats.get("stale_acks", 0)) == (0, 0, 0)
+    assert await q.counts() == {"waiting": 0, "active": 0, "delayed": 0, "completed": 2 * n, "failed": 0}
+
+
+async def test_a_thousand_result_waits_neither_raise_nor_starve_add(app: qflow.App, redis_url: str) -> None:
+    """1,000 concurrent result() calls on unfinished jobs: add() still answers at once, and every wait ends
+    with its job's result once a worker runs them."""
+    q = app.queue("waits")
+
+    @q.processor(concurrency=100)
+    async def echo(job: qflow.Job[int]) -> int:
+        return job.payload
+
+    jobs = await q.add_bulk([qflow.JobSpec("echo", i) for i in range(1000)])
+    waits = [asyncio.create_task(job.result(timeout=60)) for job in jobs]
+    observer = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def settled() -> bool:
+            """Some waits failed, or dozens block on the server (the rest queue for a connection)."""
+            info = await observer.info("clients")
+            return any(t.done() for t in waits) or int(info["blocked_clients"]) >= 40
+
+        await wait_until(settled, timeout=30, what="result waits blocking on the server")
+        assert not any(t.done() for t in waits), [t.exception() for t in waits if t.done()][:3]
+        started = time.monotonic()
+        extra = await q.add("echo", -1)
+        assert time.monotonic() - started < 1.0
+        assert await extra.status() == qflow.State.WAITING
+        async with running(qflow.Worker(app, settings=FAST)):
+            results = await asyncio.wait_for(asyncio.gather(*waits), 60)
+            assert await extra.result(timeout=10) == -1
+    finally:
+        for t in waits:
+            t.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        await observer.aclose()
+    assert results == list(range(1000))
+
+
+async def test_a_full_client_pool_raises_client_pool_exhausted(redis_url: str, prefix: str) -> None:
+    """Every connection of the command pool held (here by subscriptions): the next call raises
+    ClientPoolExhausted naming the pool's size and the setting to raise, not BrokerUnavailable."""
+    app = qflow.App(redis_url, prefix=prefix, socket_timeout=1.0)
+    q = app.queue("full")
+    held: list[aioredis.client.PubSub] = []
+    try:
+        client = app.redis()
+        for i in range(client.connection_pool.max_connections):
+            pubsub = client.pubsub()
+            await pubsub.subscribe(f"{prefix}:channel:{i}")
+            held.append(pubsub)
+        started = time.monotonic()
+        with pytest.raises(ClientPoolExhausted) as info:
+            await q.counts()
+        assert time.monotonic() - started < 5
+        text = str(info.value)
+        assert f"all {client.connection_pool.max_connections} connections" in text
+        assert "max_connections" in text
+    finally:
+        for pubsub in held:
+            await pubsub.aclose()
+        await app.close()
