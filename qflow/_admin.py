@@ -17,6 +17,7 @@ from . import _codec
 from ._broker import scripts
 from ._broker.errors import translated
 from ._inspect import glob_escape
+from ._settings import check_number
 from ._state import State
 from .exceptions import ConfigurationError, JobNotFound, PayloadError, SchemaMismatch
 
@@ -139,8 +140,9 @@ async def retry_failed(
     failures (``limit`` None: every failed job). See ``Queue.retry_failed``."""
     if ids is not None and limit is not None:
         raise ConfigurationError("give ids or limit=, not both (limit= picks the oldest failed jobs)")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ConfigurationError(f"limit must be an int >= 1 (or None: every failed job), got {limit!r}")
+    if limit is not None:
+        # No upper bound is needed: the scripts get min(limit - done, 500), never limit itself.
+        check_number("limit", limit, ge=1, integer=True, unit="or None: every failed job")
     if isinstance(ids, str | bytes):
         raise ConfigurationError(f"ids must be a list of job ids, got one string: {ids!r} (use [{ids!r}])")
     client = queue.app.redis()

@@ -8,6 +8,7 @@ that job only.
 
 from __future__ import annotations
 
+import re
 import traceback as tb
 from typing import Any, Final
 
@@ -126,8 +127,17 @@ def decode_envelope(data: bytes) -> Envelope:
             # job like a bad payload does, before any worker runs it.
             JobOptions(attempts=env.attempts, timeout=env.timeout, backoff=env.backoff)
     except DECODE_ERRORS as exc:
-        raise PayloadError(f"job envelope cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        cause = f"{type(exc).__name__}: {exc}{_field(exc)}"
+        raise PayloadError(f"job envelope cannot be decoded: {cause}") from exc
     return env
+
+
+def _field(exc: Exception) -> str:
+    """`` (field: attempts)`` for msgspec's "at `$[2]`": an envelope is an array, so name the position."""
+    found = re.search(r"at `\$\[(\d+)\]", str(exc)) if isinstance(exc, msgspec.ValidationError) else None
+    if found is None or int(found[1]) >= len(Envelope.__struct_fields__):
+        return ""
+    return f" (field: {Envelope.__struct_fields__[int(found[1])]})"
 
 
 def encode_error(info: ErrorInfo) -> bytes:

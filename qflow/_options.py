@@ -8,12 +8,11 @@ else qflow's default. Everything is validated in ``JobOptions.__post_init__`` an
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import msgspec
 
-from ._settings import check_number
+from ._settings import MAX_ATTEMPTS, MAX_SECONDS, check_number
 from ._state import DEFAULT_BACKOFF, Backoff
 from .exceptions import ConfigurationError
 
@@ -37,9 +36,10 @@ class ResolvedOptions(msgspec.Struct, frozen=True):
 class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """How a job runs: ``attempts``, ``timeout``, ``backoff``. Unset fields (``None``) inherit.
 
-    - ``attempts``: total runs a job gets when its handler raises, ``int >= 1`` (qflow's default: 1).
-    - ``timeout``: seconds one run may take before it is cancelled, a finite number ``> 0`` (default: no
-      limit).
+    - ``attempts``: total runs a job gets when its handler raises, an ``int`` from 1 to 1,000,000 (qflow's
+      default: 1).
+    - ``timeout``: seconds one run may take before it is cancelled, a finite number ``> 0``, at most 100
+      years (default: no limit).
     - ``backoff``: a ``qflow.Backoff``, the spacing of retries (default: exponential from 1 s, jitter 0.25).
 
     Give them to ``@queue.processor(...)`` as the processor's defaults, or to ``queue.add(...)``,
@@ -54,12 +54,13 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         # The inline tests accept exactly the common valid values, cheaply (this runs for every add that
-        # sets an option); anything else goes to check_number, which raises with the message.
+        # sets an option, and for every stored job that has one); anything else goes to check_number, which
+        # raises with the message. nan fails every comparison, so it goes there too.
         attempts, timeout = self.attempts, self.timeout
-        if attempts is not None and not (type(attempts) is int and attempts >= 1):
-            check_number("attempts", attempts, ge=1, integer=True)
-        if timeout is not None and not (type(timeout) in (float, int) and 0 < timeout < math.inf):
-            check_number("timeout", timeout, gt=0, unit="seconds, or None for no limit")
+        if attempts is not None and not (type(attempts) is int and 1 <= attempts <= MAX_ATTEMPTS):
+            check_number("attempts", attempts, ge=1, le=MAX_ATTEMPTS, integer=True)
+        if timeout is not None and not (type(timeout) in (float, int) and 0 < timeout <= MAX_SECONDS):
+            check_number("timeout", timeout, gt=0, le=MAX_SECONDS, unit="seconds, or None for no limit")
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ConfigurationError(f"backoff must be a qflow.Backoff or None, got {self.backoff!r}")
 

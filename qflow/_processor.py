@@ -14,6 +14,7 @@ import msgspec
 from ._codec import DECODE_ERRORS, encode_payload
 from ._job import Job
 from ._options import DEFAULT_ATTEMPTS, JobOptions, job_options
+from ._settings import MAX_CONCURRENCY, check_number
 from ._state import Backoff
 from .exceptions import ConfigurationError, PayloadError
 
@@ -47,8 +48,7 @@ class Processor(Generic[T, R]):
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"processor must be a function, got {fn!r}")
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        check_number("concurrency", concurrency, ge=1, le=MAX_CONCURRENCY, integer=True)
         if not isinstance(options, JobOptions):
             raise ConfigurationError(f"options must be a qflow.JobOptions, got {options!r}")
         self.queue = queue

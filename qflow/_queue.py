@@ -21,7 +21,7 @@ from ._broker.keys import QueueKeys
 from ._job import Job
 from ._options import JobOptions, job_options
 from ._processor import Processor
-from ._settings import check_number
+from ._settings import MAX_SECONDS, check_number
 from ._state import Backoff
 from .exceptions import BrokerUnavailable, ConfigurationError, UnknownJobName
 
@@ -35,6 +35,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _ADD_CHUNK = 500  # jobs per add script call in add_bulk: bounds the time one script holds the server
+_LAST_RUN_AT_MS = 253_402_300_800_000
+"""The end of year 9999 (``datetime.max``) in Unix ms: a ``run_at`` is never later, and is exact in Lua."""
 
 
 class JobSpec(msgspec.Struct, frozen=True):
@@ -165,15 +167,11 @@ class Queue:
             raise ConfigurationError("give delay= or run_at=, not both")
         delay_ms = 0
         if spec.delay is not None:
-            check_number("delay", spec.delay, ge=0, unit="seconds")
-            delay_ms = int(spec.delay * 1000)
-        run_at_ms = 0
-        if spec.run_at is not None:
-            if not isinstance(spec.run_at, datetime):
-                raise ConfigurationError(f"run_at must be a datetime, got {spec.run_at!r}")
-            if spec.run_at.tzinfo is None:
-                raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
-            run_at_ms = int(spec.run_at.timestamp() * 1000)
+            delay = spec.delay
+            if not (type(delay) in (float, int) and 0 <= delay <= MAX_SECONDS):  # nan fails this too
+                check_number("delay", delay, ge=0, le=MAX_SECONDS, unit="seconds")
+            delay_ms = int(delay * 1000)
+        run_at_ms = 0 if spec.run_at is None else _run_at_ms(spec.run_at)
         envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
         return Job(self, job_id, spec.name, payload), scripts.NewJob(job_id, envelope, delay_ms, run_at_ms)
 
@@ -341,6 +339,25 @@ class _AddBatcher:
                     fut.set_exception(BrokerUnavailable("add was interrupted before it was sent"))
             self.waiting.clear()
             self.busy = False
+
+
+def _run_at_ms(run_at: object) -> int:
+    """``run_at`` (an aware datetime) in Unix ms, as the add script takes it; 0 for any time before 1970."""
+    if not isinstance(run_at, datetime):
+        raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
+    try:
+        # A tzinfo's utcoffset() may raise, or return something not a timedelta; a datetime subclass may
+        # return nan or a huge number from timestamp(): all refused here, never a bare error later.
+        ms = None if run_at.utcoffset() is None else int(run_at.timestamp() * 1000)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise ConfigurationError(f"run_at {run_at!r} has no usable time: {exc!r}") from exc
+    if ms is None:
+        raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
+    if ms > _LAST_RUN_AT_MS:
+        raise ConfigurationError(f"run_at must be before the year 10000, got {run_at!r}")
+    # datetime spans years 1 to 9999, so ms fits a Lua double exactly. A time before 1970 is in the past
+    # like any other: 0 (no run_at) lets the job wait at once, as a past run_at does.
+    return max(ms, 0)
 
 
 class _Decorator:

@@ -1,18 +1,72 @@
 """Option groups, as frozen msgspec Structs (validated on construction), and the number check they share.
 
 A bad value raises ``ConfigurationError`` (a ``QflowError`` and a ``ValueError``) naming the field, the
-value and the range. Every number is checked finite: it reaches timers and Lua scripts (docs/DESIGN).
+value and the range. Every number is checked finite and at most a ``MAX_*`` bound: it reaches timers and
+Lua scripts (docs/DESIGN).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Final
 
 import msgspec
 
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, QflowError
 
-__all__ = ("RetentionSettings", "WorkerSettings", "check_number")
+__all__ = (
+    "MAX_ATTEMPTS",
+    "MAX_CLAIM_BATCH",
+    "MAX_CONCURRENCY",
+    "MAX_COUNT",
+    "MAX_SECONDS",
+    "RetentionSettings",
+    "WorkerSettings",
+    "check_number",
+)
+
+# Upper bounds. Every number qflow takes reaches a timer (asyncio, a socket) or a Lua script, where numbers
+# are doubles: an integer is exact there only below 2**53, and a float past ~1.8e305 turns into inf when made
+# milliseconds (int(inf) raises OverflowError in the worker). The bounds keep each value, and each sum a
+# script makes with it (server time + a duration), exact and finite, far from either limit.
+
+MAX_SECONDS: Final = 100 * 365 * 24 * 3600
+"""Longest duration qflow accepts (timeouts, delays, backoff, retention ages, leases): 100 years, i.e.
+3,153,600,000 s. In milliseconds that is 3.2e12; added to the server's clock (about 1.8e12 ms today) it stays
+below 2**53 ms (9.0e15) by three orders of magnitude, so every deadline a script computes is exact."""
+
+MAX_ATTEMPTS: Final = 1_000_000
+"""Most runs of one job (``attempts``), and most crash recoveries (``max_stalls``). Counted with HINCRBY and
+compared in Lua; a million retries at the default backoff's one-hour cap is over a century, so a larger value
+is a mistake, not a plan (msgpack cannot even store past 2**64)."""
+
+MAX_COUNT: Final = 1_000_000_000
+"""Most finished jobs a retention count keeps: a billion jobs is beyond any server's memory; below 2**53, so
+the trimming scripts compute ranks exactly."""
+
+MAX_CONCURRENCY: Final = 100_000
+"""Most jobs one processor runs at once in one process: each unit is a lane task and a thread-limiter slot
+made up front, so a huge value would exhaust memory before the first job."""
+
+MAX_CLAIM_BATCH: Final = 10_000
+"""Most jobs one claim script takes: one script call holds the server while it runs and its reply holds every
+envelope (up to ``max_payload_bytes`` each) in memory at once."""
+
+
+def _bound(value: float) -> str:
+    """A bound as people read it: ``1,000,000`` for an integral one, else ``0.05``."""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, short: a huge int has no repr past 4,300 digits (ValueError), a long one is cut."""
+    try:
+        text = repr(value)
+    except ValueError:  # int_max_str_digits
+        return f"an int of {value.bit_length():,} bits" if isinstance(value, int) else "an unprintable value"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_number(
@@ -24,10 +78,13 @@ def check_number(
     le: float | None = None,
     integer: bool = False,
     unit: str = "",
+    error: type[QflowError] = ConfigurationError,
 ) -> None:
-    """Raise ``ConfigurationError`` unless ``value`` is a finite number (an int if ``integer``) in range.
+    """Raise ``error`` (``ConfigurationError``) unless ``value`` is a finite number (an int if ``integer``)
+    in range; the message names ``what``, the range and the value.
 
-    ``bool`` is refused although it is an ``int``: ``attempts=True`` is a mistake, not 1.
+    ``bool`` is refused although it is an ``int``: ``attempts=True`` is a mistake, not 1. Every caller gives
+    an upper bound ``le`` (one of the ``MAX_*`` above) where the value reaches a timer or a script.
     """
     ok = (
         isinstance(value, int | float)
@@ -39,12 +96,12 @@ def check_number(
         and (le is None or value <= le)
     )
     if not ok:
-        bounds = [f">= {ge:g}" if ge is not None else "", f"> {gt:g}" if gt is not None else ""]
-        bounds.append(f"<= {le:g}" if le is not None else "")
+        bounds = [f">= {_bound(ge)}" if ge is not None else "", f"> {_bound(gt)}" if gt is not None else ""]
+        bounds.append(f"<= {_bound(le)}" if le is not None else "")
         wanted = "an int" if integer else "a finite number"
         rng = " and ".join(b for b in bounds if b)
         suffix = f" ({unit})" if unit else ""
-        raise ConfigurationError(f"{what} must be {wanted}{' ' + rng if rng else ''}{suffix}, got {value!r}")
+        raise error(f"{what} must be {wanted}{' ' + rng if rng else ''}{suffix}, got {_shown(value)}")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,12 +138,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     claim_behind_wait: bool = False
 
     def __post_init__(self) -> None:
-        check_number("lease_ttl", self.lease_ttl, ge=0.3, unit="seconds")
-        check_number("check_interval", self.check_interval, ge=0.05, unit="seconds")
-        check_number("max_stalls", self.max_stalls, ge=0, integer=True)
-        check_number("drain_timeout", self.drain_timeout, ge=0, unit="seconds")
+        check_number("lease_ttl", self.lease_ttl, ge=0.3, le=MAX_SECONDS, unit="seconds")
+        check_number("check_interval", self.check_interval, ge=0.05, le=MAX_SECONDS, unit="seconds")
+        check_number("max_stalls", self.max_stalls, ge=0, le=MAX_ATTEMPTS, integer=True)
+        check_number("drain_timeout", self.drain_timeout, ge=0, le=MAX_SECONDS, unit="seconds")
         check_number("block_timeout", self.block_timeout, ge=0.01, le=60, unit="seconds")
-        check_number("claim_batch", self.claim_batch, ge=1, integer=True)
+        check_number("claim_batch", self.claim_batch, ge=1, le=MAX_CLAIM_BATCH, integer=True)
         check_number("prefetch_window", self.prefetch_window, ge=0, le=60, unit="seconds")
         if not isinstance(self.claim_behind_wait, bool):
             raise ConfigurationError(f"claim_behind_wait must be a bool, got {self.claim_behind_wait!r}")
@@ -105,8 +162,10 @@ class RetentionSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     failed_age: float | None = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
-        check_number("retention completed_count", self.completed_count, ge=0, integer=True)
-        check_number("retention failed_count", self.failed_count, ge=0, integer=True)
+        check_number("retention completed_count", self.completed_count, ge=0, le=MAX_COUNT, integer=True)
+        check_number("retention failed_count", self.failed_count, ge=0, le=MAX_COUNT, integer=True)
         for name, age in (("completed_age", self.completed_age), ("failed_age", self.failed_age)):
             if age is not None:
-                check_number(f"retention {name}", age, ge=0, unit="seconds, or None for no age limit")
+                check_number(
+                    f"retention {name}", age, ge=0, le=MAX_SECONDS, unit="seconds, or None for no age limit"
+                )

@@ -101,13 +101,13 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         # Imported here: _state stays free of module-level qflow imports (pure data); the check is shared.
-        from ._settings import check_number
+        from ._settings import MAX_SECONDS, check_number
         from .exceptions import ConfigurationError
 
         if self.kind not in ("fixed", "exponential"):
             raise ConfigurationError(f"Backoff kind must be 'fixed' or 'exponential', got {self.kind!r}")
-        check_number("Backoff delay", self.delay, ge=0, unit="seconds")
-        check_number("Backoff max_delay", self.max_delay, ge=0, unit="seconds")
+        check_number("Backoff delay", self.delay, ge=0, le=MAX_SECONDS, unit="seconds")
+        check_number("Backoff max_delay", self.max_delay, ge=0, le=MAX_SECONDS, unit="seconds")
         check_number("Backoff jitter", self.jitter, ge=0, le=1)
 
     def seconds(self, attempt: int, rng: random.Random | None = None) -> float:
@@ -151,5 +151,11 @@ def decide_after_error(
     if this_attempt >= max_attempts:
         return Decision(retry=False)
     if requested_delay is not None:
+        from ._settings import MAX_SECONDS
+
+        # Retry() checks its delay; one changed after it was made (``exc.delay = 1e308``) must still not
+        # reach the retry script as inf or nan milliseconds: it is kept within [0, MAX_SECONDS] (nan: 0).
+        if not 0 <= requested_delay <= MAX_SECONDS:
+            requested_delay = float(MAX_SECONDS) if requested_delay > MAX_SECONDS else 0.0
         return Decision(retry=True, delay=requested_delay)
     return Decision(retry=True, delay=(backoff or DEFAULT_BACKOFF).seconds(this_attempt, rng))
