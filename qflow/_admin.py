@@ -78,6 +78,7 @@ class RetryReport(msgspec.Struct, frozen=True, kw_only=True):
 
 async def get_job(queue: Queue, job_id: str) -> JobInfo:
     """Read everything stored about one job in one ``MULTI``; raise ``JobNotFound`` if there is none."""
+    _check_id(job_id)
     k = queue.keys
     client = queue.app.redis()
     with translated("a job's record"):
@@ -162,6 +163,8 @@ async def retry_failed(
     bad = next((i for i in wanted if not isinstance(i, str) or not i), None)
     if bad is not None:
         raise ConfigurationError(f"a job id must be a non-empty str, got {bad!r}")
+    for job_id in wanted:
+        _check_id(job_id)
     requeued = 0
     not_failed: list[str] = []
     missing: list[str] = []
@@ -198,3 +201,15 @@ async def purge(queue: Queue) -> int:
         if found:
             deleted += int(await client.delete(*found))
     return deleted
+
+
+def _check_id(job_id: object) -> None:
+    """Refuse a job id Redis cannot be sent: not a str, or a str with no UTF-8 form (a lone surrogate)."""
+    if not isinstance(job_id, str):
+        raise ConfigurationError(f"a job id must be a str, got {job_id!r}")
+    try:
+        job_id.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"job id {job_id!r} is not valid text: {exc.reason} at index {exc.start} (no UTF-8 form)"
+        ) from None

@@ -23,7 +23,7 @@ from ._options import JobOptions, job_options
 from ._processor import Processor
 from ._settings import MAX_SECONDS, check_number
 from ._state import Backoff
-from .exceptions import BrokerUnavailable, ConfigurationError, UnknownJobName
+from .exceptions import BrokerError, BrokerUnavailable, ConfigurationError, PayloadError, UnknownJobName
 
 if TYPE_CHECKING:
     from ._app import App
@@ -128,6 +128,7 @@ class Queue:
             job_name = name or getattr(f, "__name__", None)
             if not job_name or not isinstance(job_name, str):
                 raise ConfigurationError(f"processor {f!r} needs an explicit name=")
+            _check_text("processor name", job_name, ConfigurationError)
             if job_name in self.processors:
                 raise ConfigurationError(f"queue {self.name!r} already has a processor named {job_name!r}")
             proc: Processor[Any, Any] = Processor(
@@ -153,13 +154,21 @@ class Queue:
         if proc is not None:
             payload, data = proc.validate(spec.payload)
         else:
+            _check_text("job name", spec.name, PayloadError)  # a registered name was checked when declared
             payload = spec.payload
             data = _codec.encode_payload(
                 payload, limit=self.app.max_payload_bytes, what=f"job {self.name}:{spec.name}"
             )
-        job_id = spec.job_id if spec.job_id is not None else secrets.token_hex(10)
-        if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
-            raise ConfigurationError(f"job_id must be a non-empty str of <= 256 chars, got {job_id!r}")
+        job_id = spec.job_id
+        raw_id: str | bytes
+        if job_id is None:
+            job_id = raw_id = secrets.token_hex(10)  # ASCII: nothing to check
+        else:
+            if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
+                raise ConfigurationError(f"job_id must be a non-empty str of <= 256 chars, got {job_id!r}")
+            # Encoded here, not when the batch is sent: an id with no UTF-8 form (a lone surrogate) fails
+            # this add alone instead of every add coalesced with it (issue 12 item 5).
+            raw_id = _check_text("job_id", job_id, PayloadError)
         options = job_options(
             spec.options, attempts=spec.attempts, timeout=spec.timeout, backoff=spec.backoff
         )
@@ -173,7 +182,7 @@ class Queue:
             delay_ms = int(delay * 1000)
         run_at_ms = 0 if spec.run_at is None else _run_at_ms(spec.run_at)
         envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
-        return Job(self, job_id, spec.name, payload), scripts.NewJob(job_id, envelope, delay_ms, run_at_ms)
+        return Job(self, job_id, spec.name, payload), scripts.NewJob(raw_id, envelope, delay_ms, run_at_ms)
 
     async def add(
         self,
@@ -290,9 +299,12 @@ class _AddBatcher:
 
     A lone ``add`` goes out at once: one round trip, no added latency. Adds that arrive while a call is in
     flight wait for it and then go out together, up to ``_ADD_CHUNK`` jobs per call, so a producer with many
-    coroutines adding at once needs far fewer round trips than jobs. Every job was validated and given its
-    id before it queued here, so one call's failure cannot be caused by another caller's input; if the call
-    fails, every add in it raises, and retrying is safe (same ids, idempotent).
+    coroutines adding at once needs far fewer round trips than jobs. Every job was validated, and its id
+    encoded, before it queued here, so nothing one caller passed should fail another's add. Second line of
+    defence: a call that fails for a reason that is not the server's or the connection's (not a
+    ``BrokerError``) failed on some job's data, so each job of it is sent again alone and only the add of
+    the job that cannot be written raises. When the server or the connection fails a call, every add in it
+    raises; retrying is safe (same ids, idempotent).
     """
 
     def __init__(self, queue: Queue) -> None:
@@ -325,20 +337,65 @@ class _AddBatcher:
                 del self.waiting[:_ADD_CHUNK]
                 try:
                     await self.queue._run_add([job for job, _ in batch])
+                except BrokerError as exc:  # the server or the connection: the same for every job
+                    _settle(batch, exc)
                 except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    if len(batch) == 1:
+                        _settle(batch, exc)
+                    else:
+                        await self._one_by_one(batch)
                 else:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_result(None)
+                    _settle(batch, None)
         finally:
             for _, fut in batch + self.waiting:  # only left unresolved if this task itself was cancelled
                 if not fut.done():
                     fut.set_exception(BrokerUnavailable("add was interrupted before it was sent"))
             self.waiting.clear()
             self.busy = False
+
+    async def _one_by_one(self, batch: list[tuple[scripts.NewJob, asyncio.Future[None]]]) -> None:
+        """Send each job of a failed call alone: a job that cannot be written fails only its own add.
+
+        Safe to repeat: the ids were fixed before the first try, and a job the failed call did write is
+        recognised by its id, not added twice. A server or connection error ends the round for all.
+        """
+        for i, (job, fut) in enumerate(batch):
+            if fut.done():  # its caller was cancelled
+                continue
+            try:
+                await self.queue._run_add([job])
+            except BrokerError as exc:
+                _settle(batch[i:], exc)
+                return
+            except Exception as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+
+
+def _settle(batch: list[tuple[scripts.NewJob, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    """Resolve the adds of ``batch`` still waiting: raise ``exc`` in each, or return (``exc`` None)."""
+    for _, fut in batch:
+        if not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+
+def _check_text(what: str, value: str, error: type[ConfigurationError | PayloadError]) -> bytes:
+    """``value`` as UTF-8, as Redis will store it; raise ``error`` naming ``what`` if it has no UTF-8 form.
+
+    Python strs may hold lone surrogates (``"\\ud800"``, from a bad decode or ``surrogateescape``), which
+    UTF-8 cannot encode.
+    """
+    try:
+        return value.encode()
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what} {value!r} is not valid text: {exc.reason} at index {exc.start} "
+            "(a lone surrogate has no UTF-8 form)"
+        ) from None
 
 
 def _run_at_ms(run_at: object) -> int:

@@ -3,7 +3,8 @@
 Each numeric option, fed any int or float, is either accepted, and then survives the trip to where it is used
 (the stored envelope, the add script's milliseconds, a Struct's encoding), or refused with qflow's error
 naming the field, the range and the value: never a bare ``ValueError``, ``OverflowError`` or ``TypeError``,
-never a value that breaks a timer or a script later. Then the specific inputs of the issue.
+never a value that breaks a timer or a script later. Then the specific inputs of the issue, and text that has
+no UTF-8 form (item 5), refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -343,3 +344,36 @@ def test_run_at_from_year_1_to_9999_reaches_the_script_exact() -> None:
     _, late = q._prepare(qflow.JobSpec("n", run_at=datetime.max.replace(tzinfo=UTC)))
     assert early.run_at_ms == 0
     assert 0 < late.run_at_ms < LUA_EXACT
+
+
+# -- text with no UTF-8 form (item 5): refused before it joins a batch --------------------------------------
+
+
+@pytest.mark.parametrize("job_id", ["\ud800", "ok-\udfff", "\udcff\udcfe"])
+def test_a_job_id_with_a_lone_surrogate_raises_payload_error_at_prepare(job_id: str) -> None:
+    """A job_id UTF-8 cannot encode raises PayloadError naming job_id, before anything is batched or sent."""
+    with pytest.raises(qflow.PayloadError, match=r"^job_id .* is not valid text"):
+        _queue()._prepare(qflow.JobSpec("n", job_id=job_id))
+
+
+def test_a_job_name_with_a_lone_surrogate_raises_payload_error() -> None:
+    """A job name UTF-8 cannot encode (on a producer with no processors) raises PayloadError naming it."""
+    with pytest.raises(qflow.PayloadError, match=r"^job name .* is not valid text"):
+        _queue()._prepare(qflow.JobSpec("bad\ud800"))
+
+
+def test_a_processor_name_with_a_lone_surrogate_is_refused_when_declared() -> None:
+    """``@processor(name=...)`` with no UTF-8 form raises ConfigurationError at declaration, not at add."""
+    with pytest.raises(qflow.ConfigurationError, match=r"^processor name .* is not valid text"):
+        _queue().processor(name="\ud800")(lambda job: None)
+
+
+async def test_admin_ids_with_a_lone_surrogate_are_refused_before_any_io() -> None:
+    """``get_job`` and ``retry_failed`` refuse an id with no UTF-8 form with ConfigurationError naming it."""
+    q = _queue()
+    with pytest.raises(qflow.ConfigurationError, match=r"job id .* is not valid text"):
+        await q.get_job("\ud800")
+    with pytest.raises(qflow.ConfigurationError, match=r"job id .* is not valid text"):
+        await q.retry_failed(["fine", "\ud800"])
+    with pytest.raises(qflow.ConfigurationError, match=r"limit must be an int >= 1"):
+        await q.retry_failed(limit=float("nan"))  # type: ignore[arg-type]
