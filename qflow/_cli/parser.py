@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._settings import MAX_CONCURRENCY
 from .control import MAX_PROCESSES
 from .exitcodes import MEANING, ExitCode
 from .logs import LOG_LEVELS
@@ -66,6 +67,14 @@ def _process_count(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_PROCESSES:
         raise argparse.ArgumentTypeError(f"must be <= {MAX_PROCESSES}, got {value}")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    # The bound @processor(concurrency=) keeps (_settings.MAX_CONCURRENCY): each unit is a lane made up front.
+    value = _positive_int(text)
+    if value > MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_CONCURRENCY:,}, got {value}")
     return value
 
 
@@ -128,7 +137,7 @@ def _queues(text: str) -> list[str]:
 # dest -> (environment variable, converter, default)
 WORKER_ENV: dict[str, tuple[str, Callable[[str], Any], Any]] = {
     "processes": ("QFLOW_PROCESSES", _process_count, 1),
-    "concurrency": ("QFLOW_CONCURRENCY", _positive_int, None),
+    "concurrency": ("QFLOW_CONCURRENCY", _concurrency, None),
     "queues": ("QFLOW_QUEUES", _queues, None),
     "burst": ("QFLOW_BURST", _flag, False),
     "drain_timeout": ("QFLOW_DRAIN_TIMEOUT", _seconds, None),
@@ -226,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "-c",
         "--concurrency",
-        type=_positive_int,
+        type=_concurrency,
         metavar="N",
         help="each processor runs up to N of its jobs at once in each worker process, in place of its own "
         "concurrency= (default: each processor's own) [QFLOW_CONCURRENCY]",

@@ -117,6 +117,7 @@ def test_flags_fall_back_to_qflow_variables_and_flags_win() -> None:
         (["worker", "m:app", "-p", "0"], "must be >= 1"),
         (["worker", "m:app", "-p", "1025"], "must be <= 1024"),
         (["worker", "m:app", "-w", "100000"], "must be <= 1024"),
+        (["worker", "m:app", "-c", "100001"], "must be <= 100,000"),
         (["worker", "m:app", "-p", "2", "-w", "3"], "not allowed with argument"),
         (["worker", "m:app", "-c", "x"], "invalid int value"),
         (["worker", "m:app", "--drain-timeout", "-1"], "finite number >= 0"),
