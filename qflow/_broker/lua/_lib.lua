@@ -13,22 +13,69 @@ local function lease_ok(active, tokens, id, token, now)
   return redis.call('HGET', tokens, id) == token
 end
 
--- Drop the oldest finished jobs from `zset` beyond `keep` entries or older than `age_ms`, and every per-job
--- field they own in `hashes`. At most `limit` jobs per call, so one ack never does unbounded work.
-local function trim(zset, keep, age_ms, now, hashes, limit)
-  local victims = {}
-  local excess = redis.call('ZCARD', zset) - keep
-  if excess > 0 then
-    victims = redis.call('ZRANGE', zset, 0, math.min(excess, limit) - 1)
+-- Validate and read first, write last (DESIGN.md, data-model rules): Redis keeps the writes a script made
+-- before an error, so a pop or a move followed by a step that raises loses jobs. Every script checks, before
+-- its first write, each key it will write (`bad_types`) and each stored number it will add to or pack
+-- (`is_count`), then decides, then writes. When the whole call is impossible (a key of the wrong type, a
+-- corrupt `seq`) it answers an error reply starting "QFLOW_CORRUPT " and naming the key, having written
+-- nothing; data corrupt in one job fails that job alone, with kind "corrupt" (`corrupt_error`).
+
+-- The error reply of a call that cannot go on: nothing was written.
+local function corrupt(what)
+  return redis.error_reply('QFLOW_CORRUPT ' .. what)
+end
+
+-- A stored value, printable in a message: at most 40 bytes, anything but printable ASCII as \xNN.
+local function shown(value)
+  local s = string.gsub(string.sub(tostring(value), 1, 40), '[^%w%p ]', function(c)
+    return string.format('\\x%02x', string.byte(c))
+  end)
+  return "'" .. s .. "'"
+end
+
+-- The cheapest command that fails on a key of another type than its own (TYPE costs twice as much: its
+-- status reply becomes a Lua table).
+local LENGTH_OF = {hash = 'HLEN', zset = 'ZCARD', list = 'LLEN', string = 'STRLEN'}
+
+-- nil when every key of `checks` ({key, type, key, type...}) is missing or of its type; else a message
+-- naming the first that is not.
+local function bad_types(checks)
+  for i = 1, #checks, 2 do
+    local n = redis.pcall(LENGTH_OF[checks[i + 1]], checks[i])
+    if type(n) == 'table' then
+      return 'key ' .. checks[i] .. ' holds a ' .. redis.call('TYPE', checks[i])['ok'] .. ', not a ' ..
+             checks[i + 1]
+    end
   end
-  if #victims < limit and age_ms >= 0 then
-    local old = redis.call('ZRANGEBYSCORE', zset, '-inf', now - age_ms, 'LIMIT', #victims, limit - #victims)
-    for _, id in ipairs(old) do victims[#victims + 1] = id end
+  return nil
+end
+
+-- Whether a stored counter (false: missing) is a whole number of at most `digits` digits: HINCRBY can add
+-- to it and struct.pack can pack it ('I4' takes 9 digits; a token counter 15, exact in a Lua number).
+local function is_count(value, digits)
+  return not value or (#value <= digits and string.find(value, '^%d+$') ~= nil)
+end
+
+-- The encoded error (msgpack, as qflow._codec.ErrorInfo) of a job whose stored `field` holds `value`.
+local function corrupt_error(field, value)
+  return cmsgpack.pack({
+    type = 'CorruptJob',
+    kind = 'corrupt',
+    traceback = '',
+    message = 'stored ' .. field .. ' of the job is ' .. shown(value) ..
+              ', not a whole number from 0 to 999999999: the job cannot run as stored',
+  })
+end
+
+-- Add to counters of the `stats` hash ({field, n, field, n...}); a field that is not a whole number (written
+-- by hand) or would overflow starts again from n instead of failing the call: counters are no job's data.
+-- Writes; call it once `stats` is known to be a hash (a failed HINCRBY writes nothing).
+local function bump(stats, incs)
+  for i = 1, #incs, 2 do
+    if type(redis.pcall('HINCRBY', stats, incs[i], incs[i + 1])) == 'table' then
+      redis.call('HSET', stats, incs[i], incs[i + 1])
+    end
   end
-  if #victims == 0 then return 0 end
-  redis.call('ZREM', zset, unpack(victims))
-  for _, h in ipairs(hashes) do redis.call('HDEL', h, unpack(victims)) end
-  return #victims
 end
 
 -- Variadic forms (HMGET, HSET f v f v, ZADD s m s m, ZREM, HDEL, LPUSH...) take a whole batch in one call: the
@@ -46,15 +93,35 @@ local function call_batched(cmd, key, items)
 end
 
 -- The replies of a reading variadic command (HMGET, ZMSCORE) over `items`, one per item, in order; false
--- where the field or member is missing.
+-- where the field or member is missing. A key of the wrong type answers nil and an error message naming it.
 local function read_batched(cmd, key, items)
   local n = #items
   if n == 0 then return {} end
-  if n <= BATCH_ARGS then return redis.call(cmd, key, unpack(items)) end
   local out = {}
   for i = 1, n, BATCH_ARGS do
-    local part = redis.call(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n)))
+    local part = redis.pcall(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n)))
+    if part.err then return nil, 'key ' .. key .. ': ' .. part.err end
+    if n <= BATCH_ARGS then return part end
     for j = 1, #part do out[#out + 1] = part[j] end
   end
   return out
+end
+
+-- Drop the oldest finished jobs from `zset` beyond `keep` entries or older than `age_ms`, and every per-job
+-- field they own in `hashes`. At most `limit` jobs per call, so one ack never does unbounded work.
+-- Call it after the type checks (`bad_types`) of `zset` and `hashes`: it writes.
+local function trim(zset, keep, age_ms, now, hashes, limit)
+  local victims = {}
+  local excess = redis.call('ZCARD', zset) - keep
+  if excess > 0 then
+    victims = redis.call('ZRANGE', zset, 0, math.min(excess, limit) - 1)
+  end
+  if #victims < limit and age_ms >= 0 then
+    local old = redis.call('ZRANGEBYSCORE', zset, '-inf', now - age_ms, 'LIMIT', #victims, limit - #victims)
+    for _, id in ipairs(old) do victims[#victims + 1] = id end
+  end
+  if #victims == 0 then return 0 end
+  redis.call('ZREM', zset, unpack(victims))
+  for _, h in ipairs(hashes) do redis.call('HDEL', h, unpack(victims)) end
+  return #victims
 end

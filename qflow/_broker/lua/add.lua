@@ -4,17 +4,17 @@
 -- ARGV[1] schema version
 -- ARGV[2..] groups of 4: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none)
 -- Returns: one integer per job, 1 = created, 0 = an existing job kept that id.
--- Errors: "QFLOW_SCHEMA <stored>" when the queue was written by an incompatible schema.
+-- Errors: "QFLOW_SCHEMA <stored>" when the queue was written by an incompatible schema; "QFLOW_CORRUPT <what>"
+-- when a key holds the wrong type. Either way nothing was written.
 -- The writes after the idempotency check go out once per batch, not once per job, and the server clock is read
 -- only when some job has a delay or a run_at: a redis.call's fixed cost dominated an add's server CPU (issue
 -- #6). HSETNX stays per job: an HMGET of the batch would copy the envelope of every job that already exists
 -- into the script's memory (a retried add_bulk: up to 500 of them, 1 MiB each).
 --!include _lib.lua
 
-local stored = redis.call('HGET', KEYS[5], 'schema')
-if not stored then
-  redis.call('HSET', KEYS[5], 'schema', ARGV[1])
-elseif stored ~= ARGV[1] then
+local stored = redis.pcall('HGET', KEYS[5], 'schema')
+if type(stored) == 'table' then return corrupt('key ' .. KEYS[5] .. ': ' .. stored.err) end
+if stored and stored ~= ARGV[1] then
   return redis.error_reply('QFLOW_SCHEMA ' .. stored)
 end
 
@@ -26,12 +26,19 @@ for i = 2, #ARGV, 4 do
     break
   end
 end
+-- The keys written after the first HSETNX (which names `jobs` itself if that key is of the wrong type).
+local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list'})
+if not err and now > 0 then err = bad_types({KEYS[4], 'zset'}) end
+if err then return corrupt(err) end
 
 local out = {}
 local waiting, delayed, states = {}, {}, {}
 for i = 2, #ARGV, 4 do
   local id = ARGV[i]
-  if redis.call('HSETNX', KEYS[1], id, ARGV[i + 1]) == 1 then
+  local created = redis.pcall('HSETNX', KEYS[1], id, ARGV[i + 1])
+  -- Only the first HSETNX can meet a key of the wrong type, and then nothing was written.
+  if type(created) == 'table' then return corrupt('key ' .. KEYS[1] .. ': ' .. created.err) end
+  if created == 1 then
     local at = tonumber(ARGV[i + 3])
     local delay = tonumber(ARGV[i + 2])
     if delay > 0 then at = now + delay end
@@ -53,4 +60,5 @@ end
 call_batched('LPUSH', KEYS[3], waiting)
 call_batched('ZADD', KEYS[4], delayed)
 call_batched('HSET', KEYS[2], states)
+if not stored then redis.call('HSET', KEYS[5], 'schema', ARGV[1]) end
 return out

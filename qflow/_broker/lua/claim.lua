@@ -2,63 +2,95 @@
 --
 -- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
 -- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
--- KEYS[10] failed KEYS[11] errors   KEYS[12] stats   (10-12 only needed with ARGV[4])
+-- KEYS[10] failed KEYS[11] errors   KEYS[12] stats
 -- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
 -- ARGV[4] largest envelope a worker accepts, bytes (optional)   ARGV[5] encoded error for a larger one
 -- A job whose envelope is larger fails here (kind "payload") instead of travelling: one huge reply would
 -- outlast the leases of every job claimed with it (tests/faults: a 50 MB job took its batch down).
+-- A job whose attempts or stalls field is not a count fails here too (kind "corrupt", the field and its value
+-- in the message); the rest of the batch is leased.
 -- Returns: { ms until the next delayed job is due (-1: none), waiting jobs left, packed jobs }
 --   packed jobs: one string, per job a 20-byte head struct '>I4I4I4I4I4' (id length, token length, envelope
 --   length, attempts spent, stalls) then the id, token and envelope bytes. One reply element for the whole
 --   batch instead of five per job: the client's reply parser was a third of a worker's CPU (issue #6).
+-- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type or `seq` is not a token counter; nothing
+--   was written (no job left `wait`).
 -- A job id whose envelope is gone (deleted by hand) is dropped from `wait` and not returned.
 -- Each hash is read and written once per batch (HMGET, HSET f v f v..., ZADD s m s m...), not once per job:
--- a redis.call's fixed cost dominated the server CPU of a claim (issue #6).
+-- a redis.call's fixed cost dominated the server CPU of a claim (issue #6). Reads come first and every write
+-- after them (see _lib.lua): the ids are read off the tail of `wait` with LRANGE, and popped with LTRIM only
+-- once the batch is decided.
 --!include _lib.lua
 
 local now = now_ms()
+local count = tonumber(ARGV[1])
 
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-if #due > 0 then
-  redis.call('ZREM', KEYS[3], unpack(due))
-  -- One LPUSH of all of them pushes them in the same order as one LPUSH each.
-  call_batched('LPUSH', KEYS[1], due)
-  local states = {}
-  for _, id in ipairs(due) do
-    states[#states + 1] = id
-    states[#states + 1] = 'waiting'
-  end
-  call_batched('HSET', KEYS[5], states)
+-- Check: the keys written and not read below, and the token counter.
+local err = bad_types({KEYS[2], 'zset', KEYS[5], 'hash', KEYS[6], 'hash'})
+if err then return corrupt(err) end
+local seq = redis.pcall('GET', KEYS[9])
+if type(seq) == 'table' and seq.err then return corrupt('key ' .. KEYS[9] .. ': ' .. seq.err) end
+if not is_count(seq, 15) then
+  return corrupt('key ' .. KEYS[9] .. ' holds ' .. shown(seq) ..
+                 ', not a token counter (a whole number of at most 15 digits)')
+end
+
+-- Read: the due delayed jobs, and the tail of `wait`.
+local due = redis.pcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+if due.err then return corrupt('key ' .. KEYS[3] .. ': ' .. due.err) end
+local tail = {}
+if count > 0 then
+  tail = redis.pcall('LRANGE', KEYS[1], -count, -1)
+  if tail.err then return corrupt('key ' .. KEYS[1] .. ': ' .. tail.err) end
+end
+-- The ids in the order RPOP would give them after the due jobs were LPUSHed: the tail of `wait` from the
+-- right, then the due jobs in due order. Due jobs not taken go to `wait` as the promotion would put them.
+local from_wait = #tail
+local ids = {}
+for i = from_wait, 1, -1 do ids[#ids + 1] = tail[i] end
+local promoted = {}
+for _, id in ipairs(due) do
+  if #ids < count then ids[#ids + 1] = id else promoted[#promoted + 1] = id end
 end
 
 local out = {-1, 0, ''}
 local packed = {}
-local ids = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-if ids then
-  local last = redis.call('INCRBY', KEYS[9], #ids)
+local leased, tokens, states, gone, failed, errors = {}, {}, {}, {}, {}, {}
+for _, id in ipairs(promoted) do
+  states[#states + 1] = id
+  states[#states + 1] = 'waiting'
+end
+if #ids > 0 then
+  local last = tonumber(seq or '0') + #ids
+  -- tostring prints 14 significant digits: past that, '%.0f' prints every digit of a whole number < 2^53.
+  local text = tostring
+  if last >= 1e14 then text = function(n) return string.format('%.0f', n) end end
   local deadline = now + tonumber(ARGV[2])
   local largest = tonumber(ARGV[4])
   -- Nothing below writes these hashes, so one read per batch sees what a read per job would have seen.
   -- An oversize envelope is read into the script's memory here, but never put in the reply.
-  local envs = read_batched('HMGET', KEYS[4], ids)
-  local attempts = read_batched('HMGET', KEYS[7], ids)
-  local stalls = read_batched('HMGET', KEYS[8], ids)
-  local leased, tokens, states, gone, failed, errors = {}, {}, {}, {}, {}, {}
+  local envs, attempts, stalls
+  envs, err = read_batched('HMGET', KEYS[4], ids)
+  if not envs then return corrupt(err) end
+  attempts, err = read_batched('HMGET', KEYS[7], ids)
+  if not attempts then return corrupt(err) end
+  stalls, err = read_batched('HMGET', KEYS[8], ids)
+  if not stalls then return corrupt(err) end
   for i, id in ipairs(ids) do
     local env = envs[i]
+    local failure
     -- The same tests in the same order as HSTRLEN (0 for a missing field) then HGET.
     if largest and (env and #env or 0) > largest then
-      states[#states + 1] = id
-      states[#states + 1] = 'failed'
-      errors[#errors + 1] = id
-      errors[#errors + 1] = ARGV[5]
-      failed[#failed + 1] = now
-      failed[#failed + 1] = id
+      failure = ARGV[5]
     elseif not env then
       gone[#gone + 1] = id
+    elseif not is_count(attempts[i], 9) then
+      failure = corrupt_error('attempts', attempts[i])
+    elseif not is_count(stalls[i], 9) then
+      failure = corrupt_error('stalls', stalls[i])
     else
       -- An id twice in one batch is leased twice, as before: the later token wins in `tokens`.
-      local token = tostring(last - #ids + i)
+      local token = text(last - #ids + i)
       leased[#leased + 1] = deadline
       leased[#leased + 1] = id
       tokens[#tokens + 1] = id
@@ -68,16 +100,37 @@ if ids then
       packed[#packed + 1] = struct.pack('>I4I4I4I4I4', #id, #token, #env, tonumber(attempts[i] or '0'),
                                         tonumber(stalls[i] or '0')) .. id .. token .. env
     end
+    if failure then
+      states[#states + 1] = id
+      states[#states + 1] = 'failed'
+      errors[#errors + 1] = id
+      errors[#errors + 1] = failure
+      failed[#failed + 1] = now
+      failed[#failed + 1] = id
+    end
   end
+  if #errors > 0 then
+    err = bad_types({KEYS[10], 'zset', KEYS[11], 'hash', KEYS[12], 'hash'})
+    if err then return corrupt(err) end
+  end
+end
+
+-- Write.
+if #due > 0 then call_batched('ZREM', KEYS[3], due) end
+-- One LPUSH of all of them pushes them in the same order as one LPUSH each.
+call_batched('LPUSH', KEYS[1], promoted)
+if from_wait > 0 then redis.call('LTRIM', KEYS[1], 0, -from_wait - 1) end
+if #ids > 0 then
+  redis.call('INCRBY', KEYS[9], #ids)
   call_batched('HDEL', KEYS[5], gone)
   call_batched('ZADD', KEYS[2], leased)
   call_batched('HSET', KEYS[6], tokens)
-  call_batched('HSET', KEYS[5], states)
-  if #errors > 0 then
-    call_batched('HSET', KEYS[11], errors)
-    call_batched('ZADD', KEYS[10], failed)
-    redis.call('HINCRBY', KEYS[12], 'failed', #errors / 2)
-  end
+end
+call_batched('HSET', KEYS[5], states)
+if #errors > 0 then
+  call_batched('HSET', KEYS[11], errors)
+  call_batched('ZADD', KEYS[10], failed)
+  bump(KEYS[12], {'failed', #errors / 2})
 end
 
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')

@@ -7,8 +7,10 @@
 -- ARGV[4..] groups of 3: id, token, encoded result
 -- Returns: one string with a byte per job, '1' = completed, '0' = stale delivery (rejected, counted in
 -- stats.stale_acks). One reply element per batch keeps the client's parsing off the hot path.
+-- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written.
 -- Leases are checked with one ZMSCORE and one HMGET per batch, and each hash is written once per batch: a
--- redis.call's fixed cost dominated the server CPU of an ack (issue #6).
+-- redis.call's fixed cost dominated the server CPU of an ack (issue #6). Every check and read comes before
+-- the first write (see _lib.lua).
 --!include _lib.lua
 
 local now = now_ms()
@@ -18,8 +20,11 @@ for i = 4, #ARGV, 3 do
   tokens[#tokens + 1] = ARGV[i + 1]
 end
 -- lease_ok for the whole batch: active, deadline > now, token matches.
-local deadlines = read_batched('ZMSCORE', KEYS[1], ids)
-local holders = read_batched('HMGET', KEYS[2], ids)
+local deadlines, holders, err
+deadlines, err = read_batched('ZMSCORE', KEYS[1], ids)
+if not deadlines then return corrupt(err) end
+holders, err = read_batched('HMGET', KEYS[2], ids)
+if not holders then return corrupt(err) end
 
 local out = {}
 local done_ids, states, results, finished = {}, {}, {}, {}
@@ -46,29 +51,53 @@ for j, id in ipairs(ids) do
   end
 end
 local done = #done_ids
+local incs = {}
+local woken = {}
+if done > 0 then
+  -- The keys written below (trim included), and the waiters of the jobs completed.
+  err = bad_types({KEYS[3], 'hash', KEYS[4], 'hash', KEYS[5], 'zset', KEYS[6], 'hash', KEYS[7], 'hash',
+                   KEYS[8], 'hash', KEYS[9], 'hash', KEYS[11], 'hash'})
+  if err then return corrupt(err) end
+  -- Someone awaits a result: rare, so one HLEN per batch and per-job work only for the awaited ones.
+  local waiting = redis.pcall('HLEN', KEYS[10])
+  if type(waiting) == 'table' then return corrupt('key ' .. KEYS[10] .. ': ' .. waiting.err) end
+  if waiting > 0 then
+    local awaited = read_batched('HMGET', KEYS[10], done_ids)
+    for j, id in ipairs(done_ids) do
+      if awaited[j] then woken[#woken + 1] = j end
+    end
+  end
+  incs = {'completed', done}
+else
+  err = bad_types({KEYS[11], 'hash'})
+  if err then return corrupt(err) end
+end
+if stale > 0 then
+  incs[#incs + 1] = 'stale_acks'
+  incs[#incs + 1] = stale
+end
+
+-- Write.
 if done > 0 then
   call_batched('ZREM', KEYS[1], done_ids)
   call_batched('HDEL', KEYS[2], done_ids)
   call_batched('HSET', KEYS[3], states)
   call_batched('HSET', KEYS[4], results)
   call_batched('ZADD', KEYS[5], finished)
-  -- Someone awaits a result: rare, so one HLEN per batch and per-job work only for the awaited ones.
-  if redis.call('HLEN', KEYS[10]) > 0 then
-    local awaited = read_batched('HMGET', KEYS[10], done_ids)
-    local woken = {}
-    for j, id in ipairs(done_ids) do
-      if awaited[j] then
-        woken[#woken + 1] = id
-        local notify = notify_of[j]
-        redis.call('LPUSH', notify, 'completed')
-        redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
-      end
+  if #woken > 0 then
+    local gone = {}
+    for _, j in ipairs(woken) do
+      gone[#gone + 1] = done_ids[j]
+      local notify = notify_of[j]
+      redis.call('LPUSH', notify, 'completed')
+      redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
     end
-    call_batched('HDEL', KEYS[10], woken)
+    call_batched('HDEL', KEYS[10], gone)
   end
-  redis.call('HINCRBY', KEYS[11], 'completed', done)
+end
+bump(KEYS[11], incs)
+if done > 0 then
   trim(KEYS[5], tonumber(ARGV[1]), tonumber(ARGV[2]), now,
        {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, 100)
 end
-if stale > 0 then redis.call('HINCRBY', KEYS[11], 'stale_acks', stale) end
 return table.concat(out)

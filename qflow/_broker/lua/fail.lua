@@ -6,25 +6,36 @@
 -- ARGV[1] id   ARGV[2] token   ARGV[3] encoded error   ARGV[4] 1 = the run spent an attempt, 0 = it did not
 -- ARGV[5] keep count   ARGV[6] keep age ms (-1: no age limit)   ARGV[7] notify ttl ms
 -- Returns: 1 = failed, 0 = stale delivery (rejected, counted in stats.stale_acks).
+-- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written.
+-- An attempts field that is not a count is left as it is (the job fails all the same, with its own error).
 --!include _lib.lua
 
 local now = now_ms()
 local id = ARGV[1]
+local err = bad_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'hash', KEYS[5], 'zset',
+                       KEYS[6], 'hash', KEYS[7], 'hash', KEYS[8], 'hash', KEYS[9], 'hash', KEYS[10], 'hash',
+                       KEYS[11], 'hash'})
+if err then return corrupt(err) end
 if not lease_ok(KEYS[1], KEYS[2], id, ARGV[2], now) then
-  redis.call('HINCRBY', KEYS[11], 'stale_acks', 1)
+  bump(KEYS[11], {'stale_acks', 1})
   return 0
 end
+local spent = ARGV[4] == '1' and is_count(redis.call('HGET', KEYS[7], id), 15)
+local awaited = redis.call('HEXISTS', KEYS[10], id) == 1
+
+-- Write.
 redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('HSET', KEYS[3], id, 'failed')
 redis.call('HSET', KEYS[4], id, ARGV[3])
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[7], id, 1) end
+if spent then redis.call('HINCRBY', KEYS[7], id, 1) end
 redis.call('ZADD', KEYS[5], now, id)
-if redis.call('HDEL', KEYS[10], id) == 1 then
+if awaited then
+  redis.call('HDEL', KEYS[10], id)
   redis.call('LPUSH', KEYS[12], 'failed')
   redis.call('PEXPIRE', KEYS[12], tonumber(ARGV[7]))
 end
-redis.call('HINCRBY', KEYS[11], 'failed', 1)
+bump(KEYS[11], {'failed', 1})
 trim(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]), now,
      {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, 100)
 return 1

@@ -8,7 +8,17 @@
 -- Returns: in "ids" mode, one integer per id: 1 = requeued, 0 = the job is not failed (left alone),
 --          -1 = no such job (never added, or trimmed by retention);
 --          in "oldest" mode: { jobs requeued, failed jobs left }.
+-- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written.
+--!include _lib.lua
 
+if ARGV[1] ~= 'ids' and ARGV[1] ~= 'oldest' then
+  return redis.error_reply('retry_failed: unknown mode ' .. tostring(ARGV[1]))
+end
+local err = bad_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'list', KEYS[4], 'hash', KEYS[5], 'hash',
+                       KEYS[6], 'hash', KEYS[7], 'hash', KEYS[8], 'hash'})
+if err then return corrupt(err) end
+
+-- Every key is of its type (checked above), so no call below can fail part-way.
 local function requeue(id)
   local state = redis.call('HGET', KEYS[2], id)
   if not state or redis.call('HEXISTS', KEYS[4], id) == 0 then return -1 end
@@ -30,7 +40,7 @@ if ARGV[1] == 'ids' then
     if r == 1 then moved = moved + 1 end
     out[#out + 1] = r
   end
-elseif ARGV[1] == 'oldest' then
+else
   local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
   for _, id in ipairs(ids) do
     if requeue(id) == 1 then
@@ -41,8 +51,6 @@ elseif ARGV[1] == 'oldest' then
     end
   end
   out = {moved, redis.call('ZCARD', KEYS[1])}
-else
-  return redis.error_reply('retry_failed: unknown mode ' .. tostring(ARGV[1]))
 end
-if moved > 0 then redis.call('HINCRBY', KEYS[8], 'requeued', moved) end
+if moved > 0 then bump(KEYS[8], {'requeued', moved}) end
 return out
