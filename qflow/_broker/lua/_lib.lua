@@ -108,7 +108,9 @@ local function read_batched(cmd, key, items)
 end
 
 -- Drop the oldest finished jobs from `zset` beyond `keep` entries or older than `age_ms`, and every per-job
--- field they own in `hashes`. At most `limit` jobs per call, so one ack never does unbounded work.
+-- field they own in `hashes`. At most `limit` jobs per call, so one ack never does unbounded work; a caller
+-- that just added n jobs passes a limit of at least n, so the set never grows past `keep` under load (issue 12
+-- item 7: at most 100 per call beside ack batches of 200 let the completed set grow without bound).
 -- Call it after the type checks (`bad_types`) of `zset` and `hashes`: it writes.
 local function trim(zset, keep, age_ms, now, hashes, limit)
   local victims = {}
@@ -121,7 +123,7 @@ local function trim(zset, keep, age_ms, now, hashes, limit)
     for _, id in ipairs(old) do victims[#victims + 1] = id end
   end
   if #victims == 0 then return 0 end
-  redis.call('ZREM', zset, unpack(victims))
-  for _, h in ipairs(hashes) do redis.call('HDEL', h, unpack(victims)) end
+  call_batched('ZREM', zset, victims)
+  for _, h in ipairs(hashes) do call_batched('HDEL', h, victims) end
   return #victims
 end

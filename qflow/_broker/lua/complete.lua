@@ -10,7 +10,8 @@
 -- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written.
 -- Leases are checked with one ZMSCORE and one HMGET per batch, and each hash is written once per batch: a
 -- redis.call's fixed cost dominated the server CPU of an ack (issue #6). Every check and read comes before
--- the first write (see _lib.lua).
+-- the first write (see _lib.lua). Retention trims at least as many jobs as the batch completed, so the
+-- completed set stays within its count under load.
 --!include _lib.lua
 
 local now = now_ms()
@@ -98,6 +99,6 @@ end
 bump(KEYS[11], incs)
 if done > 0 then
   trim(KEYS[5], tonumber(ARGV[1]), tonumber(ARGV[2]), now,
-       {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, 100)
+       {KEYS[6], KEYS[3], KEYS[4], KEYS[9], KEYS[7], KEYS[8], KEYS[10]}, math.max(100, done))
 end
 return table.concat(out)
