@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "KEYS",
+    "NOTIFY_TTL_MAX_MS",
     "SCRIPTS",
     "SCRIPT_NAMES",
     "ClaimReply",
@@ -89,7 +90,7 @@ KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta),
     "claim": lambda k: (
         k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq,
-        k.failed, k.errors, k.stats,
+        k.failed, k.errors, k.stats, k.waiters,
     ),
     "complete": lambda k: (
         k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
@@ -323,6 +324,11 @@ async def wait_then_claim(
 
 # -- acks ----------------------------------------------------------------------------------------------------
 
+NOTIFY_TTL_MAX_MS = 60_000
+"""The longest a result waiter's notify list lives. It only has to outlast the gap between a waiter's watch
+and its blocking wait (a round trip); a waiter looks again at least every few seconds anyway. Kept as long as
+retention (a day by default), the lists of awaited jobs piled up (issue 12 item 8)."""
+
 
 async def complete(
     client: aioredis.Redis,
@@ -337,9 +343,9 @@ async def complete(
     False for a stale delivery (counted in ``stats.stale_acks``).
 
     Completed jobs beyond ``keep_count`` or older than ``keep_age_ms`` (-1: no age limit) are trimmed; a
-    result waiter's notify list lives ``notify_ttl_ms``.
+    result waiter's notify list lives ``notify_ttl_ms``, at most ``NOTIFY_TTL_MAX_MS``.
     """
-    argv: list[Any] = [keep_count, keep_age_ms, notify_ttl_ms]
+    argv: list[Any] = [keep_count, keep_age_ms, min(notify_ttl_ms, NOTIFY_TTL_MAX_MS)]
     notify = []
     for job in jobs:
         argv += job
@@ -362,7 +368,7 @@ async def fail(
 ) -> bool:
     """Move a job to ``failed`` with ``error`` (``lua/fail.lua``), spending an attempt if ``spent``; False
     for a stale delivery (counted). Retention and notify as in ``complete``."""
-    argv = [job_id, token, error, int(spent), keep_count, keep_age_ms, notify_ttl_ms]
+    argv = [job_id, token, error, int(spent), keep_count, keep_age_ms, min(notify_ttl_ms, NOTIFY_TTL_MAX_MS)]
     return bool(await _FAIL(client, (*_FAIL.keys(keys), notify_key(keys, job_id)), argv))
 
 

@@ -38,7 +38,9 @@ KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
         k.results, k.attempts, k.waiters,
     ),
     "watch": lambda k: (k.state, k.results, k.errors, k.waiters),
-    "retry_failed": lambda k: (k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats),
+    "retry_failed": lambda k: (
+        k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats, k.waiters,
+    ),
 }  # fmt: skip
 """Script name -> the queue keys it takes as ``KEYS``, in order."""
 
@@ -105,8 +107,9 @@ class Watched(NamedTuple):
 
 async def watch(client: aioredis.Redis, keys: QueueKeys, job_id: str) -> Watched:
     """Read a job's state and outcome; if it is not finished, register a waiter so the script that finishes it
-    pushes to ``keys.notify(job_id)`` (``lua/watch.lua``): no gap for a missed wake-up."""
-    state, data = await _WATCH(client, _WATCH.keys(keys), [job_id])
+    pushes to ``keys.notify(job_id)`` (``lua/watch.lua``): no gap for a missed wake-up. What an earlier life
+    of the id left in that list is deleted then, so a blocking wait on it does not end at once."""
+    state, data = await _WATCH(client, (*_WATCH.keys(keys), keys.notify(job_id)), [job_id])
     return Watched(None if state is None else state.decode("utf-8", "replace"), data)
 
 

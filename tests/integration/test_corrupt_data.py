@@ -130,6 +130,7 @@ async def test_a_job_with_a_corrupt_counter_fails_alone_and_its_batch_is_claimed
     await client.hset(k.attempts, "b", "abc")
     await client.hset(k.stalls, "d", "-1")
     await client.hset(k.attempts, "e", "99999999999")  # more than the claim reply's 32 bits
+    await client.hset(k.waiters, "b", "1")
     held = await claim(client, k, 10)
     assert sorted(held) == ["a", "c", "f"]
     assert await client.lrange(k.wait, 0, -1) == []
@@ -144,6 +145,7 @@ async def test_a_job_with_a_corrupt_counter_fails_alone_and_its_batch_is_claimed
         assert (info.type, info.kind) == ("CorruptJob", "corrupt")
         assert f"{field} of the job is {value}" in info.message
     assert await client.hget(k.stats, "failed") == b"3"
+    assert await client.hexists(k.waiters, "b") == 0  # nobody waits on a finished job
     assert await complete(client, k, held) == [True, True, True]
 
 

@@ -43,9 +43,9 @@ def test_the_broker_passes_each_script_the_keys_its_header_names_in_order(name: 
     k = QueueKeys("p", "q")
     sent = [key.removeprefix("p:{q}:") for key in scripts.KEYS[name](k)]
     assert sent == names
-    # complete and fail take the notify list of each job after the fixed keys; nothing else does.
+    # complete, fail and watch take the notify list of each job after the fixed keys; nothing else does.
     assert notify_from in (None, len(names) + 1)
-    assert (notify_from is not None) == (name in ("complete", "fail"))
+    assert (notify_from is not None) == (name in ("complete", "fail", "watch"))
 
 
 def pack(*jobs: tuple[bytes, bytes, bytes, int, int]) -> bytes:

@@ -2,7 +2,7 @@
 --
 -- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
 -- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
--- KEYS[10] failed KEYS[11] errors   KEYS[12] stats
+-- KEYS[10] failed KEYS[11] errors   KEYS[12] stats     KEYS[13] waiters
 -- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
 -- ARGV[4] largest envelope a worker accepts, bytes (optional)   ARGV[5] encoded error for a larger one
 -- A job whose envelope is larger fails here (kind "payload") instead of travelling: one huge reply would
@@ -110,7 +110,7 @@ if #ids > 0 then
     end
   end
   if #errors > 0 then
-    err = bad_types({KEYS[10], 'zset', KEYS[11], 'hash', KEYS[12], 'hash'})
+    err = bad_types({KEYS[10], 'zset', KEYS[11], 'hash', KEYS[12], 'hash', KEYS[13], 'hash'})
     if err then return corrupt(err) end
   end
 end
@@ -130,6 +130,10 @@ call_batched('HSET', KEYS[5], states)
 if #errors > 0 then
   call_batched('HSET', KEYS[11], errors)
   call_batched('ZADD', KEYS[10], failed)
+  -- A failed job is finished: a waiter's entry goes (the waiter sees the state at its next look).
+  local done = {}
+  for i = 2, #failed, 2 do done[#done + 1] = failed[i] end
+  call_batched('HDEL', KEYS[13], done)
   bump(KEYS[12], {'failed', #errors / 2})
 end
 

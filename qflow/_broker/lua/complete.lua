@@ -89,7 +89,9 @@ if done > 0 then
     local gone = {}
     for _, j in ipairs(woken) do
       gone[#gone + 1] = done_ids[j]
+      -- One element at most: whatever an earlier life of the id left there goes (a key of any type).
       local notify = notify_of[j]
+      redis.call('DEL', notify)
       redis.call('LPUSH', notify, 'completed')
       redis.call('PEXPIRE', notify, tonumber(ARGV[3]))
     end

@@ -32,6 +32,8 @@ if spent then redis.call('HINCRBY', KEYS[7], id, 1) end
 redis.call('ZADD', KEYS[5], now, id)
 if awaited then
   redis.call('HDEL', KEYS[10], id)
+  -- One element at most: whatever an earlier life of the id left there goes (a key of any type).
+  redis.call('DEL', KEYS[12])
   redis.call('LPUSH', KEYS[12], 'failed')
   redis.call('PEXPIRE', KEYS[12], tonumber(ARGV[7]))
 end

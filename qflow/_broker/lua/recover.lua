@@ -66,6 +66,8 @@ end
 if out[2] > 0 then
   call_batched('HSET', KEYS[6], errors)
   call_batched('ZADD', KEYS[5], failed)
+  -- A failed job is finished: a waiter's entry goes (the waiter sees the state at its next look).
+  call_batched('HDEL', KEYS[13], done)
   bump(KEYS[9], {'stalled', #expired, 'failed', out[2]})
   trim(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]), now,
        {KEYS[10], KEYS[3], KEYS[6], KEYS[11], KEYS[12], KEYS[7], KEYS[13]}, math.max(100, out[2]))
