@@ -90,10 +90,12 @@ def translate(exc: Exception, what: str) -> Exception:
     """qflow's error for redis-py's ``exc`` raised by ``what`` (e.g. "script 'add'"), or ``exc`` itself."""
     reason = auth_failure(exc)
     if reason is not None:
-        refused = "TLS certificate verification failed" if reason == "tls" else "Redis refused"
-        return BrokerAuthError(
-            f"{refused} for {what}: {exc} -- {_HINTS[reason]}; retrying does not help", reason=reason
-        )
+        refused = {
+            "credentials": f"Redis refused the credentials ({what})",
+            "permission": f"Redis refused {what} (ACL permission)",
+            "tls": f"TLS certificate verification failed ({what})",
+        }[reason]
+        return BrokerAuthError(f"{refused}: {exc} -- {_HINTS[reason]}; retrying does not help", reason=reason)
     if isinstance(exc, rexc.MaxConnectionsError) or (
         isinstance(exc, rexc.ConnectionError) and str(exc) in _POOL_FULL
     ):

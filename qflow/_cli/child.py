@@ -4,7 +4,8 @@ The supervisor starts it as ``python -m qflow._cli.child '<json config>'`` (neve
 holding an event loop or a Redis connection). The child:
 
 - imports the target; a bad one exits with ``ExitCode.BAD_TARGET`` (``CONFIG`` when the app cannot run as
-  asked), which tells the supervisor a restart would not help;
+  asked, or Redis refuses its credentials, its ACL user or its TLS certificate: checked before it reports
+  ready), which tells the supervisor a restart would not help;
 - runs a ``Worker`` with companions: a liveness beat on a pipe to the supervisor (written *from the event
   loop*, so a blocked loop goes silent and gets killed), the fleet heartbeat in Redis, and its ``guards``: a
   memory guard and a watchdog thread that names the ``async`` processor blocking the loop;
@@ -185,7 +186,7 @@ def run_child(cfg: ChildConfig) -> ExitCode:
         return ExitCode.OK
 
     from .._worker.worker import Worker
-    from ..exceptions import BrokerUnavailable, ConfigurationError
+    from ..exceptions import BrokerAuthError, BrokerUnavailable, ClientPoolExhausted, ConfigurationError
     from .importer import BadTarget, load_app
 
     try:
@@ -228,6 +229,13 @@ def run_child(cfg: ChildConfig) -> ExitCode:
         log.info("event loop: %s", cfg.loop)
     try:
         runner(_run(worker, ctl))
+    except BrokerAuthError as exc:
+        # Not retried: a restart would be refused the same way (issue 12 item 10).
+        log.error("cannot run %s: %s", cfg.target, exc)
+        return ExitCode.CONFIG
+    except ClientPoolExhausted as exc:
+        log.error("worker stopped: %s", exc)
+        return ExitCode.UNAVAILABLE
     except BrokerUnavailable as exc:
         log.error("cannot reach Redis: %s", exc)
         return ExitCode.UNAVAILABLE
@@ -245,12 +253,21 @@ def run_child(cfg: ChildConfig) -> ExitCode:
 
 
 async def _run(worker: Worker, ctl: _Control) -> None:
+    from .._broker.keys import FleetKeys
+    from .._broker.servercheck import check_access
+
     loop = asyncio.get_running_loop()
     ctl.loop = loop
     sigs = [signal.SIGTERM, signal.SIGQUIT] + ([] if ctl.cfg.supervised else [signal.SIGINT])
     for sig in sigs:
         loop.add_signal_handler(sig, ctl.on_signal, sig)
     try:
+        # Before the worker reports ready: an ACL user who may not touch the queues' keys is refused now,
+        # as a boot failure the supervisor does not restart, not by the first claim of a ready worker.
+        app = worker.app
+        groups = {f"queue {q.name!r}": q.keys.all_fixed() for q in worker.queues}
+        groups["the fleet registry"] = (FleetKeys(app.prefix).workers,)
+        await check_access(app._worker_redis(), groups)
         await worker.run()
     finally:
         ctl.loop = None

@@ -36,7 +36,8 @@ MEANING: dict[ExitCode, str] = {
     ExitCode.BAD_TARGET: "module:app cannot be loaded: module or attribute missing, the import raised, or it "
     "is not a qflow.App",
     ExitCode.CONFIG: "the app loaded but cannot run as asked: unknown queue in -q, no processors, bad "
-    "setting, server too old",
+    "setting, server too old; Redis refused the credentials, the ACL user's permissions or the TLS "
+    "certificate",
     ExitCode.UNAVAILABLE: "Redis could not be reached",
     ExitCode.NOT_FOUND: "no such job (jobs show / retry), or no running supervisor matches (scale)",
     ExitCode.CRASH_LOOP: "the supervisor gave up: worker processes kept dying right after they started",

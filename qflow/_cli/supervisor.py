@@ -295,7 +295,10 @@ class Supervisor:
             return
         if rc in BOOT_FAILURES and not self._ever_ready:
             log.error(
-                "%s %s at boot: not restarting it (fix the target or the options, then start again)", who, how
+                "%s %s at boot: not restarting it (fix the target, the options or the Redis URL's "
+                "credentials, then start again)",
+                who,
+                how,
             )
             self.stop(fast=False, code=ExitCode(rc))
             return
