@@ -15,7 +15,8 @@ every lane of its processor is busy). The whole table (a unit test holds this li
 
 ``CancelReason`` names why the worker takes a job away from its handler; each reason is the state it leads to.
 The rest of this module is the per-queue bookkeeping around deliveries: ``QueueRunner`` (deliveries in flight,
-acks on their way), ``LaneState`` (one processor's lanes) and ``Slots`` (the claim budget).
+acks on their way), ``LaneState`` (one processor's lanes) and ``Slots`` (the claim budget), and the one
+per-process ``SuspectGate`` (a job recovered after a crash runs alone).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = (
     "LaneState",
     "QueueRunner",
     "Slots",
+    "SuspectGate",
 )
 
 
@@ -270,11 +272,68 @@ class Slots:
         self.average = seconds if avg is None else avg + (seconds - avg) * 0.1
 
 
+def _nothing() -> None:
+    return None
+
+
+class SuspectGate:
+    """One worker's hold on a *suspect*: a delivered job that was recovered after a crash (``stalls > 0``).
+
+    A job that killed its worker process once may do it again, and every job claimed by that process at the
+    time would be charged a stall with it. So a suspect runs alone: a worker holds at most one at a time
+    (the lanes start it once nothing else is in flight and no claim is out: ``busy``), the fetchers of every
+    queue claim nothing while one is held, and other suspects (or any job a claim brings while one is held)
+    are handed back at once, attempt unspent. The gate opens when the suspect's delivery is done here.
+    """
+
+    __slots__ = ("busy", "on_change", "opened", "runner", "started", "suspect")
+
+    def __init__(self) -> None:
+        self.suspect: Delivery | None = None
+        """The suspect held now, claimed and leased (it is in its runner's ``in_flight``)."""
+        self.runner: QueueRunner | None = None
+        """The runner of the suspect's queue."""
+        self.started = False
+        """Whether the suspect was handed to its lanes (from then on nothing else starts until it is done)."""
+        self.busy = 0
+        """Claims out (and hand-backs of what they brought): jobs that may soon be this worker's."""
+        self.opened = asyncio.Event()
+        """Set while no suspect is held: what the fetchers wait for."""
+        self.opened.set()
+        self.on_change: Callable[[], None] = _nothing
+        """Called when a delivery is done while a suspect waits (the lanes check whether it may start)."""
+
+    def hold(self, r: QueueRunner, d: Delivery) -> None:
+        """Hold ``d`` (of ``r``) as the suspect; the fetchers stop claiming."""
+        self.suspect = d
+        self.runner = r
+        self.started = False
+        self.opened.clear()
+
+    def open(self) -> None:
+        """No suspect any more: the fetchers claim again."""
+        self.suspect = None
+        self.runner = None
+        self.started = False
+        self.opened.set()
+
+    def finished(self, d: Delivery) -> None:
+        """A delivery is done here while a suspect is held (``QueueRunner.finish``)."""
+        if d is self.suspect:
+            self.open()
+        elif not self.started:
+            self.on_change()
+
+
 class QueueRunner:
     """Per-queue state of a worker: processors, slots, deliveries in flight, pending acks."""
 
-    def __init__(self, queue: Queue, concurrency: int | None, prefetch_window: float) -> None:
+    def __init__(
+        self, queue: Queue, concurrency: int | None, prefetch_window: float, gate: SuspectGate | None = None
+    ) -> None:
         self.queue = queue
+        self.gate = gate if gate is not None else SuspectGate()
+        """The worker's suspect gate, shared by all its queues."""
         self.keys = queue.keys
         self.concurrency = {
             name: (concurrency or proc.concurrency) for name, proc in queue.processors.items()
@@ -324,3 +383,6 @@ class QueueRunner:
             self.slots.give(1)
         if not self.in_flight:
             self.idle.set()
+        gate = self.gate
+        if gate.suspect is not None:
+            gate.finished(d)

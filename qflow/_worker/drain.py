@@ -31,11 +31,16 @@ _RELEASE_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its jo
 async def drain(shared: Shared) -> None:
     """After the fetchers ended: finish or release every delivery this worker holds."""
     runners = shared.runners
-    # 1. Jobs claimed ahead that have not started go back at once, so other workers run them meanwhile.
+    # 1. Jobs claimed ahead that have not started go back at once, so other workers run them meanwhile; so
+    #    does a job recovered after a crash that waits to run alone (the suspect, not started yet).
     for r in runners:
         unstarted = [d for lanes in r.lanes.values() for d in lanes.ready]
         for lanes in r.lanes.values():
             lanes.ready.clear()
+        gate = r.gate
+        if gate.runner is r and gate.suspect is not None and not gate.started:
+            unstarted.append(gate.suspect)
+            gate.open()
         to_release = [d for d in unstarted if d.state is not LOST]
         for d in to_release:
             d.cancel(CancelReason.RELEASE)

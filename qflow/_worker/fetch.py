@@ -67,37 +67,43 @@ class Fetcher:
         settings = shared.settings
         client = shared.app.redis()
         k = r.keys
+        gate = self.lanes.gate
         lease_ms, max_envelope, too_large = self._lease_ms, self._max_envelope, self._too_large
         budget = None if shared.max_jobs is None else shared.job_budget
         failures = 0
-        carried: tuple[int, scripts.ClaimReply] | None = None  # (slots taken, reply) from _wait_then_claim
+        behind: scripts.ClaimReply | None = None  # the reply of the claim behind the idle wait, delivered
         while not stop.is_set():
-            if carried is not None:
-                (n, res), carried = carried, None
+            if behind is not None:
+                res, behind = behind, None
             else:
+                if gate.suspect is not None:
+                    # A job recovered after a crash runs alone in this process: claim nothing till it is done.
+                    await wait_first(gate.opened.wait(), stop.wait())
+                    continue
                 n = await r.slots.take(settings.claim_batch, stop, budget, r.queued)
                 if n == 0:
                     break
+                if gate.suspect is not None:
+                    r.slots.give(n)
+                    continue
+                gate.busy += 1
                 try:
                     res = await scripts.claim(
                         client, k, count=n, lease_ms=lease_ms, max_envelope=max_envelope, too_large=too_large
                     )
                 except Exception as exc:  # whatever a claim raises, the fetcher carries on
                     r.slots.give(n)
+                    self._claim_ended()
                     failures += 1
                     await self._back_off(r, "claim", exc, failures)
                     continue
                 failures = 0
+                await self._deliver(r, n, res.jobs)
             next_due_ms, waiting, jobs = res
-            for job in jobs:
-                self.lanes.start(r, Delivery(job))
-            got = len(jobs)
-            if got < n:
-                r.slots.give(n - got)
             if waiting:
                 continue
             # Nothing left to claim: block until a push (an empty claim round trip first would be wasted).
-            if shared.burst and not got and await self._drained(r):
+            if shared.burst and not jobs and await self._drained(r):
                 break
             timeout = settings.block_timeout
             if next_due_ms >= 0:
@@ -114,16 +120,68 @@ class Fetcher:
             n = await r.slots.take(1, stop, budget)
             if n == 0:
                 break
+            if gate.suspect is not None:
+                r.slots.give(n)
+                continue
+            gate.busy += 1
             behind, error = await self._wait_then_claim(r, timeout, n)
             if behind is None:
                 r.slots.give(n)
+                self._claim_ended()
             else:
-                carried = (n, behind)
+                await self._deliver(r, n, behind.jobs)
             if error is not None:
                 failures += 1
                 await self._back_off(r, error[0], error[1], failures)
             elif behind is not None:
                 failures = 0
+
+    async def _deliver(self, r: QueueRunner, n: int, jobs: list[scripts.Claimed]) -> None:
+        """Hand the jobs of a claim that took ``n`` slots to the lanes; return the slots left unused.
+
+        A job recovered after a crash (``stalls > 0``) becomes the worker's suspect if none is held (it runs
+        alone, see ``SuspectGate``); other suspects, and every job of a claim that comes back while one is
+        held, are handed back to waiting at once, attempt unspent, so that none of them is claimed here if
+        the suspect kills the process. The claim's ``busy`` count ends here.
+        """
+        gate = self.lanes.gate
+        try:
+            back: list[Delivery] | None = None
+            if gate.suspect is not None:
+                back = [Delivery(job) for job in jobs]
+            else:
+                start = self.lanes.start
+                for job in jobs:
+                    if not job.stalls:
+                        start(r, Delivery(job))
+                    elif gate.suspect is None:
+                        self.lanes.hold(r, Delivery(job))
+                        self.unpark()  # other fetchers' claims behind their waits come back now
+                    elif back is None:
+                        back = [Delivery(job)]
+                    else:
+                        back.append(Delivery(job))
+            kept = len(jobs) - (len(back) if back else 0)
+            if kept < n:
+                r.slots.give(n - kept)
+            if back:
+                for d in back:
+                    d.cancel(CancelReason.RELEASE)
+                log.info(
+                    "handing back %d job(s) of %s: a job recovered after a crash runs alone here first",
+                    len(back),
+                    r.queue.name,
+                )
+                await release(self.shared, r, back)
+        finally:
+            self._claim_ended()
+
+    def _claim_ended(self) -> None:
+        """A claim (and the hand-back of what it brought) is over: a suspect held may start now."""
+        gate = self.lanes.gate
+        gate.busy -= 1
+        if gate.suspect is not None:
+            self.lanes.try_suspect()
 
     async def _back_off(self, r: QueueRunner, what: str, exc: Exception, failures: int) -> None:
         """Log a failed claim (WARNING: the queue and the error) and wait before the next one.
@@ -182,7 +240,7 @@ class Fetcher:
 
         def parked(client_id: int) -> None:
             self._parked[r] = client_id
-            if stop.is_set():
+            if stop.is_set() or self.lanes.gate.suspect is not None:
                 self.unpark()
 
         try:

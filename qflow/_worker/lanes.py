@@ -8,6 +8,10 @@ is failed by a one-off task. A handler's outcome goes to the acker (``acks.py``)
 A thread cannot be stopped: when a sync handler's run ends before its thread does (its timeout, a lost
 lease), the outcome is recorded at once, but the lane (and one claim slot) waits for the thread to end
 before its next job, so a processor never has more than ``concurrency`` threads running in a process.
+
+A job recovered after a crash (a *suspect*, ``stalls > 0``) runs alone in this process: ``hold`` keeps it
+(claimed, leased) until nothing else is in flight and no claim is out, then starts it; nothing else starts
+until it is done (see ``deliveries.SuspectGate``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .. import _codec
 from .._job import Job
 from .._state import decide_after_error
 from ..exceptions import PayloadError, Retry
-from .deliveries import LOST, QUEUED, RELEASING, RUNNING, CancelReason
+from .deliveries import CLAIMED, LOST, QUEUED, RELEASING, RUNNING, CancelReason, SuspectGate
 
 if TYPE_CHECKING:
     from .._codec import Envelope
@@ -52,6 +56,43 @@ class Lanes:
     def __init__(self, shared: Shared, acker: Acker) -> None:
         self.shared = shared
         self.acker = acker
+        self.gate = SuspectGate()
+        """The worker's suspect gate (one for all its queues): the fetchers read it, runners report to it."""
+        self.gate.on_change = self.try_suspect
+
+    def hold(self, r: QueueRunner, d: Delivery) -> None:
+        """Take ``d``, a job recovered after a crash, as the suspect: it starts alone, once nothing else is
+        in flight here and no claim is out (``try_suspect``); its lease is renewed meanwhile."""
+        if not r.in_flight:
+            r.idle.clear()
+        r.in_flight[d.id] = d
+        self.gate.hold(r, d)
+        log.info(
+            "job %s:%s was recovered after its worker stopped (%d time(s)): it runs alone in this process, "
+            "after the %d job(s) in flight here",
+            r.queue.name,
+            d.id,
+            d.stalls,
+            self.shared.in_flight() - 1,
+        )
+        self.try_suspect()
+
+    def try_suspect(self) -> None:
+        """Start the suspect held, if nothing else is in flight in this worker and no claim is out."""
+        gate = self.gate
+        d, r = gate.suspect, gate.runner
+        if d is None or r is None or gate.started or gate.busy or self.shared.stopping:
+            return  # at a stop, the drain hands it back unstarted
+        for other in self.shared.runners:
+            if len(other.in_flight) > (1 if other is r else 0):
+                return
+        gate.started = True
+        if d.state is CLAIMED and r.in_flight.get(d.id) is d:
+            self.start(r, d)
+            return
+        # Its lease was lost while it waited: not this worker's to run (finishing it opens the gate).
+        d.cancel(CancelReason.LOST)
+        self.shared.finish(r, d, handled=False)
 
     def start(self, r: QueueRunner, d: Delivery) -> None:
         """Hand a claimed job to its processor's lanes: a free lane runs it now, else it waits in line."""

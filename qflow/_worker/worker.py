@@ -192,7 +192,10 @@ class Worker:
         shared = self._shared
         shared.begin()
         window = self.settings.prefetch_window
-        shared.runners = runners = [QueueRunner(q, self._concurrency, window) for q in self.queues]
+        gate = self._lanes.gate
+        gate.open()  # nothing held from an earlier run
+        gate.busy = 0
+        shared.runners = runners = [QueueRunner(q, self._concurrency, window, gate) for q in self.queues]
         self.server_warnings = await check_server(self.app.redis())
         await scripts.load_all(self.app.redis())
         loop = asyncio.get_running_loop()
