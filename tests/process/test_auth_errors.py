@@ -55,8 +55,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[Secured]:
-    """valkey-server with ``--requirepass`` and three ACL users: one denied scripts, one denied the app's
-    keys, one granted what the error's hint says (the app's keys and ``HINTED_ACL``)."""
+    """valkey-server with ``--requirepass`` and four ACL users: one denied scripts, one denied the app's
+    keys, one granted what the error's hint says (the app's keys and ``HINTED_ACL``), and one granted the
+    same but INFO."""
     data_dir = tempfile.mkdtemp(prefix="qflow-auth-")
     port = _free_port()
     server = [str(valkey_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", data_dir]
@@ -81,6 +82,8 @@ def secured() -> Iterator[Secured]:
         admin.execute_command("ACL", "SETUSER", "noscript", "on", pw, "~*", "+@all", "-@scripting")
         admin.execute_command("ACL", "SETUSER", "nokeys", "on", pw, "~elsewhere:*", "+@all")
         admin.execute_command("ACL", "SETUSER", "hinted", "on", pw, f"~{prefix}:*", *HINTED_ACL.split())
+        no_info = [part for part in HINTED_ACL.split() if part != "+info"]
+        admin.execute_command("ACL", "SETUSER", "noinfo", "on", pw, f"~{prefix}:*", *no_info)
         admin.close()
         yield Secured(port, prefix)
     finally:
@@ -182,6 +185,25 @@ async def test_the_hinted_acl_runs_a_worker(secured: Secured, fleet_on: list[Fle
         sup = fleet.start("--burst")
         assert await sup.wait_exit(30) == ExitCode.OK, sup.log()
         assert "permission" not in sup.log()
+        assert await job.result(timeout=5) is None
+    finally:
+        await app.close()
+
+
+async def test_a_user_denied_info_alone_runs_with_a_warning(
+    secured: Secured, fleet_on: list[Fleet], tmp_path: Path
+) -> None:
+    """INFO is only for the start-up checks: a user denied it alone runs jobs, and the log says what was
+    not checked (a crash and restart loop before)."""
+    url = secured.url("noinfo", USER_PASSWORD)
+    app = qflow.App(url, prefix=secured.prefix)
+    try:
+        job = await app.queue("other").add("noop")
+        fleet = Fleet(url, secured.prefix, tmp_path)
+        fleet_on.append(fleet)
+        sup = fleet.start("--burst")
+        assert await sup.wait_exit(30) == ExitCode.OK, sup.log()
+        assert "may not run INFO" in sup.log()
         assert await job.result(timeout=5) is None
     finally:
         await app.close()
