@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _codec
 from .._broker import commands, scripts
 from .._broker.errors import ErrorReply, translated
-from ..exceptions import QflowError
+from ..exceptions import BrokerAuthError, QflowError
 from .aio import wait_first
 from .deliveries import CancelReason, Delivery
 from .drain import release
@@ -188,8 +188,11 @@ class Fetcher:
 
         The delay doubles from 0.2 s with each failure in a row, up to 2 s; a stop ends it at once. An error
         the server answered (a script that failed on corrupt data, say) or a broker error is logged in one
-        line; anything else with its traceback, as it is a bug.
+        line; anything else with its traceback, as it is a bug. A refused credential or permission
+        (``BrokerAuthError``) is raised instead: retrying cannot help, and the worker exits with it.
         """
+        if isinstance(exc, BrokerAuthError):
+            raise exc
         stop = self.shared.stop
         assert stop is not None
         delay = backoff_delay(failures)

@@ -12,11 +12,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import pytest
+import redis
 
 import qflow
+from qflow.exceptions import BrokerAuthError
 from qflow.testing import FAST
 
 # Each corruption: the key of the queue it breaks, what it writes there, and the server's own error text
@@ -185,3 +188,37 @@ async def test_stop_interrupts_the_claim_backoff(app: qflow.App, caplog: pytest.
             if not task.done():
                 worker.stop(fast=True)
                 await asyncio.wait_for(task, 15)
+
+
+async def test_a_claim_refused_by_an_acl_ends_the_worker_with_broker_auth_error(
+    redis_url: str, prefix: str
+) -> None:
+    """A permission revoked while the worker runs is not retried forever: it ends with BrokerAuthError."""
+    user = f"{prefix}-user"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "&*", "+@all")
+    parts = urlsplit(redis_url)
+    url = urlunsplit(parts._replace(netloc=f"{user}:x@{parts.hostname}:{parts.port}"))
+    app = qflow.App(url, prefix=prefix, worker=FAST)
+    q = app.queue("acl_revoked")
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        return None
+
+    worker = qflow.Worker(app, settings=FAST)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 5)
+        admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-eval")
+        async with qflow.App(redis_url, prefix=prefix) as producer:
+            await producer.queue("acl_revoked").add("work", 1)
+        with pytest.raises(BrokerAuthError):
+            await asyncio.wait_for(task, 10)
+    finally:
+        if not task.done():
+            worker.stop(fast=True)
+            await asyncio.wait_for(task, 15)
+        await app.close()
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
