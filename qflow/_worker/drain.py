@@ -89,9 +89,7 @@ async def release(shared: Shared, r: QueueRunner, deliveries: list[Delivery]) ->
 
     If Redis stays unreachable (or the script fails), the jobs return when their leases expire.
     """
-    call = functools.partial(
-        scripts.release, shared.app.redis(), r.keys, [(d.raw, d.token) for d in deliveries]
-    )
+    call = functools.partial(scripts.release, shared.redis(), r.keys, [(d.raw, d.token) for d in deliveries])
     try:
         flags: list[bool] = await with_retries(call, shared.settings.lease_ttl)
     except Exception as exc:  # unreachable, or a script error: never end the fetcher or the drain

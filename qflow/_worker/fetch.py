@@ -65,7 +65,7 @@ class Fetcher:
         stop = shared.stop
         assert stop is not None
         settings = shared.settings
-        client = shared.app.redis()
+        client = shared.redis()
         k = r.keys
         gate = self.lanes.gate
         lease_ms, max_envelope, too_large = self._lease_ms, self._max_envelope, self._too_large
@@ -213,7 +213,7 @@ class Fetcher:
         shared = self.shared
         stop = shared.stop
         assert stop is not None
-        blocking = commands.wait_for_push(shared.app.redis(), r.keys.wait, timeout)
+        blocking = commands.wait_for_push(shared.redis(), r.keys.wait, timeout)
         waits: list[Awaitable[Any]] = [blocking, stop.wait()]
         if shared.burst and r.in_flight:
             waits.append(r.idle.wait())
@@ -248,7 +248,7 @@ class Fetcher:
 
         try:
             out = await scripts.wait_then_claim(
-                shared.app.redis(),
+                shared.redis(),
                 r.keys,
                 timeout=timeout,
                 parked=parked,
@@ -289,9 +289,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         for r, client_id in list(self._parked.items()):
             del self._parked[r]
-            task = loop.create_task(
-                commands.unblock(self.shared.app.redis(), client_id), name="qflow-unblock"
-            )
+            task = loop.create_task(commands.unblock(self.shared.redis(), client_id), name="qflow-unblock")
             self._unblocks.add(task)
             task.add_done_callback(self._unblock_done)
 
@@ -308,7 +306,7 @@ class Fetcher:
         k = r.keys
         try:
             with translated("the drained check"):
-                async with self.shared.app.redis().pipeline(transaction=True) as pipe:
+                async with self.shared.redis().pipeline(transaction=True) as pipe:
                     pipe.llen(k.wait)
                     pipe.zcard(k.delayed)
                     pipe.zcard(k.active)
