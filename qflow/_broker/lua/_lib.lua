@@ -33,6 +33,16 @@ local function shown(value)
   return "'" .. s .. "'"
 end
 
+-- What a redis.pcall answered; or nil and a message naming `key` when that key holds the wrong type. Any other
+-- error (out of memory, an ACL refusal...) is raised as it came: it says nothing about the data.
+local function checked(reply, key)
+  if type(reply) == 'table' and reply.err then
+    if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return nil, 'key ' .. key .. ': ' .. reply.err end
+    error(reply)
+  end
+  return reply
+end
+
 -- The cheapest command that fails on a key of another type than its own (TYPE costs twice as much: its
 -- status reply becomes a Lua table).
 local LENGTH_OF = {hash = 'HLEN', zset = 'ZCARD', list = 'LLEN', string = 'STRLEN'}
@@ -41,8 +51,8 @@ local LENGTH_OF = {hash = 'HLEN', zset = 'ZCARD', list = 'LLEN', string = 'STRLE
 -- naming the first that is not.
 local function bad_types(checks)
   for i = 1, #checks, 2 do
-    local n = redis.pcall(LENGTH_OF[checks[i + 1]], checks[i])
-    if type(n) == 'table' then
+    local _, wrong = checked(redis.pcall(LENGTH_OF[checks[i + 1]], checks[i]), checks[i])
+    if wrong then
       return 'key ' .. checks[i] .. ' holds a ' .. redis.call('TYPE', checks[i])['ok'] .. ', not a ' ..
              checks[i + 1]
     end
@@ -69,10 +79,13 @@ end
 
 -- Add to counters of the `stats` hash ({field, n, field, n...}); a field that is not a whole number (written
 -- by hand) or would overflow starts again from n instead of failing the call: counters are no job's data.
--- Writes; call it once `stats` is known to be a hash (a failed HINCRBY writes nothing).
+-- Writes; call it once `stats` is known to be a hash (a failed HINCRBY writes nothing). Other errors (out of
+-- memory, when this is a script's first write) are raised as they came.
 local function bump(stats, incs)
   for i = 1, #incs, 2 do
-    if type(redis.pcall('HINCRBY', stats, incs[i], incs[i + 1])) == 'table' then
+    local added = redis.pcall('HINCRBY', stats, incs[i], incs[i + 1])
+    if type(added) == 'table' then
+      if string.sub(added.err, 1, 4) ~= 'ERR ' then error(added) end
       redis.call('HSET', stats, incs[i], incs[i + 1])
     end
   end
@@ -99,8 +112,8 @@ local function read_batched(cmd, key, items)
   if n == 0 then return {} end
   local out = {}
   for i = 1, n, BATCH_ARGS do
-    local part = redis.pcall(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n)))
-    if part.err then return nil, 'key ' .. key .. ': ' .. part.err end
+    local part, wrong = checked(redis.pcall(cmd, key, unpack(items, i, math.min(i + BATCH_ARGS - 1, n))), key)
+    if wrong then return nil, wrong end
     if n <= BATCH_ARGS then return part end
     for j = 1, #part do out[#out + 1] = part[j] end
   end

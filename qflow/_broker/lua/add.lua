@@ -12,8 +12,8 @@
 -- into the script's memory (a retried add_bulk: up to 500 of them, 1 MiB each).
 --!include _lib.lua
 
-local stored = redis.pcall('HGET', KEYS[5], 'schema')
-if type(stored) == 'table' then return corrupt('key ' .. KEYS[5] .. ': ' .. stored.err) end
+local stored, wrong = checked(redis.pcall('HGET', KEYS[5], 'schema'), KEYS[5])
+if wrong then return corrupt(wrong) end
 if stored and stored ~= ARGV[1] then
   return redis.error_reply('QFLOW_SCHEMA ' .. stored)
 end
@@ -35,9 +35,9 @@ local out = {}
 local waiting, delayed, states = {}, {}, {}
 for i = 2, #ARGV, 4 do
   local id = ARGV[i]
-  local created = redis.pcall('HSETNX', KEYS[1], id, ARGV[i + 1])
-  -- Only the first HSETNX can meet a key of the wrong type, and then nothing was written.
-  if type(created) == 'table' then return corrupt('key ' .. KEYS[1] .. ': ' .. created.err) end
+  -- Only the first HSETNX can meet a key of the wrong type (or out of memory), and then nothing was written.
+  local created, wrong = checked(redis.pcall('HSETNX', KEYS[1], id, ARGV[i + 1]), KEYS[1])
+  if wrong then return corrupt(wrong) end
   if created == 1 then
     local at = tonumber(ARGV[i + 3])
     local delay = tonumber(ARGV[i + 2])

@@ -28,20 +28,22 @@ local count = tonumber(ARGV[1])
 -- Check: the keys written and not read below, and the token counter.
 local err = bad_types({KEYS[2], 'zset', KEYS[5], 'hash', KEYS[6], 'hash'})
 if err then return corrupt(err) end
-local seq = redis.pcall('GET', KEYS[9])
-if type(seq) == 'table' and seq.err then return corrupt('key ' .. KEYS[9] .. ': ' .. seq.err) end
+local seq, wrong = checked(redis.pcall('GET', KEYS[9]), KEYS[9])
+if wrong then return corrupt(wrong) end
 if not is_count(seq, 15) then
   return corrupt('key ' .. KEYS[9] .. ' holds ' .. shown(seq) ..
                  ', not a token counter (a whole number of at most 15 digits)')
 end
 
 -- Read: the due delayed jobs, and the tail of `wait`.
-local due = redis.pcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-if due.err then return corrupt('key ' .. KEYS[3] .. ': ' .. due.err) end
+local due
+due, err = checked(redis.pcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3])),
+                   KEYS[3])
+if err then return corrupt(err) end
 local tail = {}
 if count > 0 then
-  tail = redis.pcall('LRANGE', KEYS[1], -count, -1)
-  if tail.err then return corrupt('key ' .. KEYS[1] .. ': ' .. tail.err) end
+  tail, err = checked(redis.pcall('LRANGE', KEYS[1], -count, -1), KEYS[1])
+  if err then return corrupt(err) end
 end
 -- The ids in the order RPOP would give them after the due jobs were LPUSHed: the tail of `wait` from the
 -- right, then the due jobs in due order. Due jobs not taken go to `wait` as the promotion would put them.

@@ -60,8 +60,9 @@ if done > 0 then
                    KEYS[8], 'hash', KEYS[9], 'hash', KEYS[11], 'hash'})
   if err then return corrupt(err) end
   -- Someone awaits a result: rare, so one HLEN per batch and per-job work only for the awaited ones.
-  local waiting = redis.pcall('HLEN', KEYS[10])
-  if type(waiting) == 'table' then return corrupt('key ' .. KEYS[10] .. ': ' .. waiting.err) end
+  local waiting
+  waiting, err = checked(redis.pcall('HLEN', KEYS[10]), KEYS[10])
+  if err then return corrupt(err) end
   if waiting > 0 then
     local awaited = read_batched('HMGET', KEYS[10], done_ids)
     for j, id in ipairs(done_ids) do

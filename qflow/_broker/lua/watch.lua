@@ -17,8 +17,8 @@ local st = redis.call('HGET', KEYS[1], id)
 if st == 'completed' then return {st, redis.call('HGET', KEYS[2], id)} end
 if st == 'failed' then return {st, redis.call('HGET', KEYS[3], id)} end
 if st then
-  local registered = redis.pcall('HSET', KEYS[4], id, 1)
-  if type(registered) == 'table' then return corrupt('key ' .. KEYS[4] .. ': ' .. registered.err) end
+  local _, wrong = checked(redis.pcall('HSET', KEYS[4], id, 1), KEYS[4])
+  if wrong then return corrupt(wrong) end
   redis.call('DEL', KEYS[5])
 end
 return {st, false}
