@@ -62,7 +62,8 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     """Why an attempt or a job failed: exception type, message, formatted traceback, and a short kind.
 
     ``kind`` is one of ``error`` (the handler raised), ``timeout``, ``stalled``, ``payload`` (could not
-    decode), ``unknown_name`` (no processor registered), ``result`` (return value not encodable).
+    decode), ``unknown_name`` (no processor registered), ``result`` (return value not encodable), ``corrupt``
+    (its stored counters were not numbers; the scripts fail such a job alone, type ``CorruptJob``).
     """
 
     type: str

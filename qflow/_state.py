@@ -44,6 +44,13 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         "its stored envelope is over the worker's limit (max_payload_bytes + 64 KiB; it was written around "
         "add()): error kind 'payload', no lease, no attempt spent",
     ),
+    (
+        State.WAITING,
+        State.FAILED,
+        "claim",
+        "its stored attempts or stalls counter is not a number: error kind 'corrupt' naming the field; the rest "
+        "of the batch is claimed",
+    ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
     (
         State.ACTIVE,
@@ -69,7 +76,8 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         State.ACTIVE,
         State.FAILED,
         "recover",
-        "lease expired more than max_stalls times: reason 'stalled'",
+        "lease expired more than max_stalls times: reason 'stalled' (or its stalls counter is not a number: "
+        "kind 'corrupt')",
     ),
     (
         State.FAILED,
