@@ -119,6 +119,20 @@ async def test_a_thousand_result_waits_neither_raise_nor_starve_add(app: qflow.A
     assert results == list(range(1000))
 
 
+async def test_more_concurrent_commands_than_connections_wait_their_turn(app: qflow.App) -> None:
+    """Three times as many concurrent commands as the pool has connections all succeed: a call finding every
+    connection busy waits for one to be released instead of failing at once."""
+    q = app.queue("burst")
+
+    @q.processor
+    async def noop(job: qflow.Job[None]) -> None: ...
+
+    job = await q.add("noop")
+    size = app.redis().connection_pool.max_connections
+    states = await asyncio.gather(*(job.status() for _ in range(3 * size)))
+    assert states == [qflow.State.WAITING] * (3 * size)
+
+
 async def test_a_full_client_pool_raises_client_pool_exhausted(redis_url: str, prefix: str) -> None:
     """Every connection of the command pool held (here by subscriptions): the next call raises
     ClientPoolExhausted naming the pool's size and the setting to raise, not BrokerUnavailable."""
