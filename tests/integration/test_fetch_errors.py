@@ -23,11 +23,9 @@ from qflow.exceptions import BrokerAuthError
 from qflow.testing import FAST
 
 # Each corruption: the key of the queue it breaks, what it writes there, and the server's own error text
-# (a script that validates first may answer its own error instead, naming the key).
+# (the scripts validate first and may answer their own error instead, naming the key).
 CORRUPTIONS = {
-    # The first command of claim.lua: it fails before the script writes anything.
     "delayed_wrong_type": ("delayed", "not-a-zset", "WRONGTYPE"),
-    # Later steps: with scripts that pop before they validate, the batch popped by a failing claim is lost.
     "active_wrong_type": ("active", "not-a-zset", "WRONGTYPE"),
     "seq_not_a_number": ("seq", "abc", "not an integer"),
 }
@@ -108,7 +106,7 @@ async def start_failing(
 async def test_claim_script_error_is_logged_and_the_worker_claims_again_after_repair(
     app: qflow.App, caplog: pytest.LogCaptureFixture, corruption: str, idle: bool
 ) -> None:
-    """A claim failing on a corrupt key logs a WARNING (queue, error); the worker lives on, runs new jobs."""
+    """A claim failing on a corrupt key logs a WARNING (queue, error), pops nothing; the worker runs on."""
     q = app.queue("claim_errors")
     done: list[int] = []
 
@@ -126,9 +124,12 @@ async def test_claim_script_error_is_logged_and_the_worker_claims_again_after_re
                 assert "ResponseError" in message
                 # The server's error: redis' own, or a script's that names the corrupt key.
                 assert error_text in message or key in message, message
+            # The script failed before any write: the job is still waiting, and nothing ran.
+            assert await app.redis().llen(q.keys.wait) == 1
+            assert done == []
             await app.redis().delete(key)
             await q.add("work", 2)
-            await wait_until(lambda: 2 in done, what="a job added after the repair to run", worker=task)
+            await wait_until(lambda: sorted(done) == [1, 2], what="both jobs to run", worker=task)
             assert not task.done()
 
 
