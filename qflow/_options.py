@@ -39,7 +39,10 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     - ``attempts``: total runs a job gets when its handler raises, an ``int`` from 1 to 1,000,000 (qflow's
       default: 1).
     - ``timeout``: seconds one run may take before it is cancelled, a finite number ``> 0``, at most 100
-      years (default: no limit).
+      years (default: no limit). A sync (``def``) handler runs in a thread, which cannot be stopped: at
+      its timeout the attempt is recorded as timed out (retried or failed) at once, but the thread runs on
+      to its end and keeps its place among the processor's ``concurrency`` until then, so no more than
+      ``concurrency`` threads of a processor ever run at once in a worker process.
     - ``backoff``: a ``qflow.Backoff``, the spacing of retries (default: exponential from 1 s, jitter 0.25).
 
     Give them to ``@queue.processor(...)`` as the processor's defaults, or to ``queue.add(...)``,
