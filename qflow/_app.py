@@ -404,7 +404,7 @@ class ResultWaits:
             except TimeoutError:
                 return
             timeout = deadline - loop.time()
-            if timeout < 0.01:  # BLMOVE with a timeout of 0 would block forever
+            if timeout <= 0:
                 slots.release()
                 return
         else:

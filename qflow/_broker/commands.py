@@ -26,8 +26,12 @@ async def command(client: aioredis.Redis, *args: Any) -> Any:
 
 
 def blmove(key: str | bytes, timeout: float) -> tuple[Any, ...]:
-    """``BLMOVE key key RIGHT RIGHT timeout``: wait until the list has an element (rotating it takes none)."""
-    return ("BLMOVE", key, key, "RIGHT", "RIGHT", f"{timeout:.3f}")
+    """``BLMOVE key key RIGHT RIGHT timeout``: wait until the list has an element (rotating it takes none).
+
+    At least 1 ms: a timeout that rounds to ``0.000`` would make the server block forever, and the socket
+    timeout would then end the wait as a dead server.
+    """
+    return ("BLMOVE", key, key, "RIGHT", "RIGHT", f"{max(timeout, 0.001):.3f}")
 
 
 def count_states(pipe: Any, keys: QueueKeys) -> None:

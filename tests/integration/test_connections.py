@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import qflow
+from qflow._broker import commands
 from qflow.exceptions import ClientPoolExhausted
 from qflow.testing import FAST
 
@@ -156,3 +157,11 @@ async def test_a_full_client_pool_raises_client_pool_exhausted(redis_url: str, p
         for pubsub in held:
             await pubsub.aclose()
         await app.close()
+
+
+async def test_a_blocking_wait_under_a_millisecond_ends_at_once(app: qflow.App) -> None:
+    """A wait of 0.4 ms (a result timeout's last sliver) is sent as 1 ms, not as 0.000, which the server
+    reads as "block forever" and the socket timeout then reports as a dead server."""
+    started = time.monotonic()
+    await commands.wait_for_push(app.redis(), f"{app.prefix}:empty", 0.0004)
+    assert time.monotonic() - started < 1.0
