@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .._broker import scripts
 from .._broker.servercheck import check_server
 from .._queue import Queue
+from .._settings import MAX_CONCURRENCY, MAX_COUNT, check_number
 from ..exceptions import ConfigurationError
 from .acks import Acker
 from .aio import as_coro, cancel_until_done
@@ -71,10 +72,11 @@ class Worker:
         ``max_jobs``: stop gracefully after handling that many jobs (recycling). ``companions``: extra
         coroutines started beside the worker's own tasks and cancelled when it stops (heartbeats, watchdogs).
         """
-        if max_jobs is not None and max_jobs < 1:
-            raise ConfigurationError(f"max_jobs must be >= 1 or None, got {max_jobs!r}")
-        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        # nan < 1 is false and True is an int: check_number refuses both (issue 12 item 4).
+        if max_jobs is not None:
+            check_number("max_jobs", max_jobs, ge=1, le=MAX_COUNT, integer=True, unit="or None")
+        if concurrency is not None:
+            check_number("concurrency", concurrency, ge=1, le=MAX_CONCURRENCY, integer=True, unit="or None")
         self.app = app
         self.settings = settings or app.worker_settings
         self.burst = burst

@@ -377,3 +377,26 @@ async def test_admin_ids_with_a_lone_surrogate_are_refused_before_any_io() -> No
         await q.retry_failed(["fine", "\ud800"])
     with pytest.raises(qflow.ConfigurationError, match=r"limit must be an int >= 1"):
         await q.retry_failed(limit=float("nan"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"concurrency": True}, "concurrency"),
+        ({"concurrency": 1.5}, "concurrency"),
+        ({"concurrency": 100_001}, "concurrency"),
+        ({"max_jobs": math.nan}, "max_jobs"),
+        ({"max_jobs": 0}, "max_jobs"),
+        ({"max_jobs": 2**64}, "max_jobs"),
+    ],
+)
+def test_worker_refuses_a_bad_concurrency_or_max_jobs_naming_it(kwargs: dict[str, Any], field: str) -> None:
+    """``Worker(concurrency=, max_jobs=)`` refuse bools, non-ints, nan and out-of-range values by name."""
+    app = qflow.App("redis://127.0.0.1:1")
+    app.queue("q").processor()(_noop)
+    with pytest.raises(qflow.ConfigurationError, match=rf"^{field} must be an int"):
+        qflow.Worker(app, **kwargs)
+
+
+async def _noop(job: qflow.Job[Any]) -> None:
+    """A processor that does nothing."""
