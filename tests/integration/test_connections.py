@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -48,7 +49,10 @@ async def running(worker: qflow.Worker) -> AsyncIterator[asyncio.Task[None]]:
 async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(app: qflow.App) -> None:
     """130 handlers each awaiting another job's result: every job runs once and completes, no lease lost."""
     n = 130  # more than redis-py's default pool of 100 connections
-    hold = 3 * FAST.lease_ttl  # the children run for several renewal intervals while 130 results are awaited
+    # Leases of 2 s (renewed every 0.67 s) leave a loaded CI box room; the children run through several
+    # renewals while 130 results are awaited.
+    settings = msgspec.structs.replace(FAST, lease_ttl=2.0)
+    hold = 2.5 * settings.lease_ttl
     q = app.queue("fanout")
     runs: collections.Counter[tuple[str, int]] = collections.Counter()
     waiting = 0
@@ -70,7 +74,7 @@ async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(
         finally:
             waiting -= 1
 
-    worker = qflow.Worker(app, settings=FAST)
+    worker = qflow.Worker(app, settings=settings)
     async with running(worker):
         parents = [await q.add("parent", i) for i in range(n)]
         await wait_until(lambda: waiting == n, timeout=30, what=f"{n} parents awaiting their child's result")
