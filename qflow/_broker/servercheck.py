@@ -87,5 +87,6 @@ async def check_access(client: aioredis.Redis, key_groups: Mapping[str, Sequence
             replies = await pipe.execute(raise_on_error=False)
     for (name, keys), reply in zip(groups, replies, strict=True):
         if isinstance(reply, Exception):
-            with translated(f"the access check at start for {name} (an empty script over its keys: {keys[0]}, ...)"):
+            what = f"the access check at start for {name} (an empty script over its keys: {keys[0]}, ...)"
+            with translated(what):
                 raise reply

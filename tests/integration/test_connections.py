@@ -169,3 +169,13 @@ async def test_a_blocking_wait_under_a_millisecond_ends_at_once(app: qflow.App) 
     started = time.monotonic()
     await commands.wait_for_push(app.redis(), f"{app.prefix}:empty", 0.0004)
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_connections": 0}, {"max_result_waits": 0}, {"max_connections": 1.5}, {"max_result_waits": True}],
+)
+def test_pool_sizes_are_checked_where_they_enter(kwargs: dict[str, object]) -> None:
+    """A pool size that is not an int from 1 to 10,000 raises ConfigurationError naming it."""
+    with pytest.raises(qflow.ConfigurationError, match=next(iter(kwargs))):
+        qflow.App("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
