@@ -17,10 +17,13 @@ from ._settings import WorkerSettings as WorkerSettings
 from ._state import Backoff as Backoff
 from ._state import State as State
 from ._worker.worker import Worker as Worker
+from .exceptions import BrokerAuthError as BrokerAuthError
 from .exceptions import BrokerError as BrokerError
 from .exceptions import BrokerFull as BrokerFull
 from .exceptions import BrokerUnavailable as BrokerUnavailable
+from .exceptions import ClientPoolExhausted as ClientPoolExhausted
 from .exceptions import ConfigurationError as ConfigurationError
+from .exceptions import CorruptQueue as CorruptQueue
 from .exceptions import JobError as JobError
 from .exceptions import JobFailed as JobFailed
 from .exceptions import JobNotFound as JobNotFound
@@ -35,10 +38,13 @@ from .exceptions import UnknownJobName as UnknownJobName
 __all__ = (
     "App",
     "Backoff",
+    "BrokerAuthError",
     "BrokerError",
     "BrokerFull",
     "BrokerUnavailable",
+    "ClientPoolExhausted",
     "ConfigurationError",
+    "CorruptQueue",
     "Job",
     "JobError",
     "JobFailed",

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 
 from ._broker import commands
 from ._broker.keys import check_queue_name
-from ._settings import RetentionSettings, WorkerSettings, check_number
+from ._settings import MAX_SECONDS, RetentionSettings, WorkerSettings, check_number
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -42,6 +42,10 @@ __all__ = ("App", "ResultWaits", "configured_url", "resolve_url")
 _URL_VARS = ("QFLOW_REDIS_URL", "REDIS_URL")
 MAX_POOL = 10_000
 """The most connections one pool may have: a Redis server's default ``maxclients``."""
+
+
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+"""The largest ``max_payload_bytes``: Redis' own limit on one string (``proto-max-bulk-len``, 512 MB)."""
 
 
 class App:
@@ -72,10 +76,10 @@ class App:
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, without braces")
-        if max_payload_bytes < 1:
-            raise ConfigurationError(f"max_payload_bytes must be >= 1, got {max_payload_bytes!r}")
-        if socket_timeout <= 0 or connect_timeout <= 0:
-            raise ConfigurationError("socket_timeout and connect_timeout must be > 0 seconds")
+        # nan <= 0 is false, and socket.settimeout(1e12) raises OverflowError: bound them where they enter.
+        check_number("max_payload_bytes", max_payload_bytes, ge=1, le=MAX_PAYLOAD_BYTES, integer=True)
+        check_number("socket_timeout", socket_timeout, gt=0, le=MAX_SECONDS, unit="seconds")
+        check_number("connect_timeout", connect_timeout, gt=0, le=MAX_SECONDS, unit="seconds")
         check_number("max_connections", max_connections, ge=1, le=MAX_POOL, integer=True)
         check_number("max_result_waits", max_result_waits, ge=1, le=MAX_POOL, integer=True)
         self._url = url

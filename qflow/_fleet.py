@@ -25,7 +25,7 @@ import msgspec
 from ._broker import commands
 from ._broker.errors import translated
 from ._broker.keys import FleetKeys
-from .exceptions import BrokerUnavailable
+from .exceptions import BrokerError
 
 if TYPE_CHECKING:
     from ._app import App
@@ -134,7 +134,7 @@ async def _beat_forever(
             since = loop.time() - last_beat
             if state != last_state or since >= interval or (load != last_load and since >= refresh):
                 try:
-                    client = app.redis()
+                    client = app._worker_redis()  # the worker's own pool: never waits behind handlers
                     now_ms = await commands.server_ms(client)
                     if started_ms is None:
                         started_ms = now_ms
@@ -163,7 +163,9 @@ async def _beat_forever(
                     if failing:
                         log.info("fleet heartbeat restored")
                     failing = False
-                except BrokerUnavailable as exc:
+                except BrokerError as exc:
+                    # Any broker trouble (unreachable, maxmemory, an ACL change) is logged and retried: the
+                    # heartbeat task must not end while its worker runs.
                     if not failing:
                         log.warning("fleet heartbeat failed (%s); `qflow status` may miss this worker", exc)
                     failing = True
@@ -183,7 +185,7 @@ async def _beat_forever(
 async def _deregister(app: App, keys: FleetKeys, worker_id: str) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(1.0):
-            async with app.redis().pipeline(transaction=True) as pipe:
+            async with app._worker_redis().pipeline(transaction=True) as pipe:
                 pipe.delete(keys.worker(worker_id))
                 pipe.zrem(keys.workers, worker_id)
                 await pipe.execute()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import _codec
 from ._broker import scripts
 from ._broker.errors import translated
-from ._settings import check_number
+from ._settings import MAX_SECONDS, check_number
 from ._state import State
 from .exceptions import JobFailed, JobNotFound, ResultTimeout
 
@@ -65,7 +65,13 @@ class Job(Generic[T]):
         extra ones queue for a connection and read the job's state again about every 2 s meanwhile.
         """
         if timeout is not None:
-            check_number("timeout", timeout, ge=0, unit="seconds, or None to wait until the job finishes")
+            check_number(
+                "timeout",
+                timeout,
+                ge=0,
+                le=MAX_SECONDS,
+                unit="seconds, or None to wait until the job finishes",
+            )
         app = self.queue.app
         client = app.redis()
         waits = app._result_waits()

@@ -11,6 +11,7 @@ QflowError
 │   │   └── ClientPoolExhausted every connection of this process's pool stayed busy (a client-side limit)
 │   ├── BrokerAuthError         credentials, permissions (ACL) or TLS verification refused: not retried
 │   ├── BrokerFull              refused a write: maxmemory reached (noeviction)
+│   ├── CorruptQueue            a queue key holds data qflow cannot use; the script wrote nothing
 │   └── SchemaMismatch          the queue's data was written by an incompatible qflow
 └── JobError                    about one job: ``job_id`` says which
     ├── JobFailed               ``Job.result()`` on a job that ended in ``failed``
@@ -37,6 +38,7 @@ __all__ = (
     "BrokerUnavailable",
     "ClientPoolExhausted",
     "ConfigurationError",
+    "CorruptQueue",
     "JobError",
     "JobFailed",
     "JobNotFound",
@@ -111,6 +113,16 @@ class BrokerFull(BrokerError):
     """
 
 
+class CorruptQueue(BrokerError):
+    """A key of the queue holds data qflow cannot use, so a script refused to run; it wrote nothing.
+
+    A key of the wrong type (a string where the waiting list should be), or a token counter that is not a
+    number, written by hand or by another program sharing the key prefix. The message names the key. No job
+    left its list: repair or delete that key and the queue goes on. (A single job whose own stored counters
+    are corrupt does not raise this: it fails alone, error kind ``"corrupt"``.)
+    """
+
+
 class SchemaMismatch(BrokerError):
     """The queue's keys were written by a qflow with an incompatible data layout."""
 
@@ -151,11 +163,16 @@ class ResultTimeout(JobError, TimeoutError):
     """``Job.result(timeout=...)`` returned before the job finished (the job itself goes on)."""
 
 
+_MAX_RETRY_DELAY = 3_153_600_000
+# = qflow._settings.MAX_SECONDS (100 years), written out: importing _settings here would be an import cycle.
+# tests/unit/test_number_validation.py checks the two agree.
+
+
 class Retry(Exception):
     """Raise from a processor to schedule another attempt after ``delay`` seconds.
 
     It spends an attempt like any error; when no attempts are left the job fails with this exception.
-    A ``delay`` that is negative or not a finite number raises ``ConfigurationError``.
+    A ``delay`` that is negative, over 100 years or not a finite number raises ``ConfigurationError``.
     """
 
     def __init__(self, delay: float = 0.0, reason: str = "") -> None:
@@ -164,8 +181,12 @@ class Retry(Exception):
             or isinstance(delay, bool)
             or not math.isfinite(delay)
             or delay < 0
+            or delay > _MAX_RETRY_DELAY
         ):
-            raise ConfigurationError(f"Retry delay must be a finite number >= 0 (seconds), got {delay!r}")
+            raise ConfigurationError(
+                f"Retry delay must be a finite number >= 0 and <= {_MAX_RETRY_DELAY:,} (seconds, 100 years), "
+                f"got {delay!r}"
+            )
         super().__init__(reason or f"retry requested (delay {delay}s)")
         self.delay = float(delay)
 

@@ -10,7 +10,9 @@
   ConnectionError``, ``TimeoutError``) -> ``BrokerUnavailable``;
 - an out-of-memory reply (``OutOfMemoryError``, the class redis-py gives the server's ``-OOM`` error, found
   by class and not by the text) -> ``BrokerFull``;
-- the ``QFLOW_SCHEMA <stored>`` reply of a script that found another schema version -> ``SchemaMismatch``.
+- the ``QFLOW_SCHEMA <stored>`` reply of a script that found another schema version -> ``SchemaMismatch``;
+- the ``QFLOW_CORRUPT <what>`` reply of a script that found a key of the wrong type or a corrupt counter
+  before writing anything -> ``CorruptQueue``.
 
 Any other error reply stays redis-py's own. Call sites wrap their Redis calls in ``translated("what")``; the
 few that log an unexpected error reply and carry on (an idle fetcher's wait) name it ``ErrorReply``.
@@ -23,7 +25,14 @@ from types import TracebackType
 
 from redis import exceptions as rexc
 
-from ..exceptions import BrokerAuthError, BrokerFull, BrokerUnavailable, ClientPoolExhausted, SchemaMismatch
+from ..exceptions import (
+    BrokerAuthError,
+    BrokerFull,
+    BrokerUnavailable,
+    ClientPoolExhausted,
+    CorruptQueue,
+    SchemaMismatch,
+)
 
 __all__ = (
     "UNAVAILABLE",
@@ -111,6 +120,11 @@ def translate(exc: Exception, what: str) -> Exception:
         return SchemaMismatch(
             f"this queue was written with qflow schema {str(exc).split()[-1]}; this qflow writes a "
             "different one: upgrade the older side, or migrate the queue"
+        )
+    if isinstance(exc, rexc.ResponseError) and str(exc).startswith("QFLOW_CORRUPT "):
+        return CorruptQueue(
+            f"{what} refused to run: {str(exc).removeprefix('QFLOW_CORRUPT ')}; nothing was written. "
+            "Repair or delete that key (another program may share the key prefix)"
         )
     return exc
 

@@ -26,7 +26,7 @@ __all__ = ("cmd_info", "cmd_jobs", "cmd_status")
 def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
     """Load the app (or, without ``module:app``, make a bare one on the configured server), run ``body(app)``
     in an event loop, map qflow errors to exit codes."""
-    from ..exceptions import BrokerUnavailable, ConfigurationError, JobNotFound
+    from ..exceptions import BrokerError, BrokerFull, BrokerUnavailable, ConfigurationError, JobNotFound
     from .importer import BadTarget, load_app
 
     if args.target:
@@ -56,8 +56,11 @@ def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
         return asyncio.run(run())
     except ConfigurationError as exc:
         return fail(ExitCode.CONFIG, str(exc))
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, BrokerFull) as exc:
         return fail(ExitCode.UNAVAILABLE, str(exc))
+    except BrokerError as exc:
+        # Refused credentials or permissions, another schema, a corrupt key: retrying will not help.
+        return fail(ExitCode.CONFIG, str(exc))
     except JobNotFound as exc:
         return fail(ExitCode.NOT_FOUND, str(exc))
 

@@ -37,8 +37,8 @@ MEANING: dict[ExitCode, str] = {
     "is not a qflow.App",
     ExitCode.CONFIG: "the app loaded but cannot run as asked: unknown queue in -q, no processors, bad "
     "setting, server too old; Redis refused the credentials, the ACL user's permissions or the TLS "
-    "certificate",
-    ExitCode.UNAVAILABLE: "Redis could not be reached",
+    "certificate; a queue written by another qflow schema, or a queue key holding corrupt data",
+    ExitCode.UNAVAILABLE: "Redis could not be reached (or refused a write at maxmemory: retry later)",
     ExitCode.NOT_FOUND: "no such job (jobs show / retry), or no running supervisor matches (scale)",
     ExitCode.CRASH_LOOP: "the supervisor gave up: worker processes kept dying right after they started",
     ExitCode.RECYCLE: "a worker drained to be replaced (--max-jobs-per-child / --max-memory-per-child); "

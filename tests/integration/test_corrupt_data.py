@@ -1,9 +1,10 @@
 """Corrupt data in Redis fails only what it belongs to (issue 12 item 1; DESIGN.md, data-model rules).
 
 Redis keeps the writes a script made before an error. So every script validates and reads first and writes
-last: a key of the wrong type or a corrupt ``seq`` makes the call answer a ``QFLOW_CORRUPT`` error naming the
-key before anything is written (no job leaves ``wait``, none is half moved), and a job whose own stored data
-is corrupt (a counter that is not a number) fails alone, with kind "corrupt", while its batch goes on.
+last: a key of the wrong type or a corrupt ``seq`` makes the call answer a ``QFLOW_CORRUPT`` error (raised as
+``qflow.CorruptQueue``) naming the key before anything is written (no job leaves ``wait``, none is half
+moved), and a job whose own stored data is corrupt (a counter that is not a number) fails alone, with kind
+"corrupt", while its batch goes on.
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ async def assert_unchanged(
     """``call`` fails with nothing written (no key of the queue changed), on a QFLOW_CORRUPT error that names
     ``key``."""
     before = await snapshot(client, k)
-    with pytest.raises(ResponseError) as caught:
+    with pytest.raises(qflow.CorruptQueue) as caught:
         await call()
     assert await snapshot(client, k) == before
-    assert str(caught.value).startswith("QFLOW_CORRUPT ")
+    cause = caught.value.__cause__
+    assert isinstance(cause, ResponseError)
+    assert str(cause).startswith("QFLOW_CORRUPT ")
     assert key in str(caught.value)
 
 

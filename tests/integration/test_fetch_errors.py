@@ -121,7 +121,7 @@ async def test_claim_script_error_is_logged_and_the_worker_claims_again_after_re
             await wait_until(lambda: claim_warnings(caplog, q.name), what="a claim warning", worker=task)
             for record in claim_warnings(caplog, q.name):
                 message = record.getMessage()
-                assert "ResponseError" in message
+                assert "CorruptQueue" in message
                 # The server's error: redis' own, or a script's that names the corrupt key.
                 assert error_text in message or key in message, message
             # The script failed before any write: the job is still waiting, and nothing ran.

@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -262,3 +263,19 @@ async def test_tls_verification_failure_is_refused_not_retried(
         assert "ssl_ca_certs" in str(info.value)
         log = await _worker_refused(fleet_on, url, "qflowtest-tls", tmp_path)
         assert "TLS certificate verification failed" in log
+
+
+@pytest.mark.parametrize("argv", [["status"], ["info"], ["jobs", "list", "failed"]])
+def test_one_shot_commands_exit_config_on_refused_credentials(secured: Secured, argv: list[str]) -> None:
+    """``qflow status/info/jobs`` with a wrong password exit CONFIG with the refusal, not a traceback."""
+    url = secured.url(password="wrong")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qflow", *argv, "--url", url, "--prefix", secured.prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr
+    assert "Redis refused the credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -400,3 +400,28 @@ def test_worker_refuses_a_bad_concurrency_or_max_jobs_naming_it(kwargs: dict[str
 
 async def _noop(job: qflow.Job[Any]) -> None:
     """A processor that does nothing."""
+
+
+def test_retry_delay_bound_is_max_seconds() -> None:
+    """``Retry`` keeps the same 100-year ceiling as every other duration (it cannot import it)."""
+    assert qflow.exceptions._MAX_RETRY_DELAY == MAX_SECONDS
+    qflow.Retry(delay=MAX_SECONDS)
+    with pytest.raises(qflow.ConfigurationError, match="Retry delay"):
+        qflow.Retry(delay=MAX_SECONDS + 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"socket_timeout": math.nan}, "socket_timeout"),
+        ({"socket_timeout": 1e12}, "socket_timeout"),
+        ({"connect_timeout": math.inf}, "connect_timeout"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"max_payload_bytes": 1.5}, "max_payload_bytes"),
+        ({"max_payload_bytes": 2**40}, "max_payload_bytes"),
+    ],
+)
+def test_app_refuses_bad_timeouts_and_payload_limits_naming_them(kwargs: dict[str, Any], field: str) -> None:
+    """``App(socket_timeout=nan)`` and friends raise ``ConfigurationError`` naming the field."""
+    with pytest.raises(qflow.ConfigurationError, match=rf"^{field} must be"):
+        qflow.App("redis://127.0.0.1:1", **kwargs)
