@@ -48,8 +48,8 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         State.WAITING,
         State.FAILED,
         "claim",
-        "its stored attempts or stalls counter is not a number: error kind 'corrupt' naming the field; the rest "
-        "of the batch is claimed",
+        "its stored attempts or stalls counter is not a number: error kind 'corrupt' naming the field; the "
+        "rest of the batch is claimed",
     ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
     (
