@@ -1,7 +1,7 @@
 """The lifecycle Lua scripts, driven in random interleavings against a pure-Python model of one queue.
 
 A Hypothesis state machine calls add / claim / renew / complete / fail / retry / release / recover /
-retry_failed through the broker's typed functions, ``qflow._broker.scripts`` (EVALSHA with its EVAL
+retry_failed / watch through the broker's typed functions, ``qflow._broker.scripts`` (EVALSHA with its EVAL
 fallback, which ``SCRIPT FLUSH`` steps exercise) on the real key names of ``QueueKeys``, and after every
 step compares the queue's whole Redis state, read in one MULTI, with the model.
 
@@ -21,7 +21,17 @@ which recover and claim pick them up does not depend on which millisecond a call
 every run of a step sequence to behave the same, or it cannot replay and shrink a failure. Failure times get
 ticks too (after a check that the script stored its server time), so "oldest failures first" is exact.
 
-Trimming stays out of the machine (retention is far above anything a run creates); a separate test covers it.
+Completion times are pinned to ticks the same way, so retention is exact too: each run keeps 1, 2, 3 or
+all finished jobs of each kind, and the model trims what complete, fail and recover must trim in the same
+call (the oldest beyond the count; jobs finished by that very call, which share its server time, by id).
+A trimmed job is gone from every hash, its id free for a new job.
+
+Result waiters (``watch``, and the notify list complete and fail push to) are modelled by what a waiter
+sees: the state and outcome ``watch`` returns; a wake-up pushed once a job it waits for is completed or
+failed; and an empty notify list whenever it starts waiting on an unfinished job (a notification left by
+an earlier life of the id, before retry_failed or before trimming and a new add, would wake it at once and
+make it spin). Corrupt fields: a waiting job whose stored ``attempts`` or ``stalls`` is not a count fails
+at claim, alone, with a reason naming the field; the rest of its batch is leased.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from qflow import _codec
 from qflow._broker import scripts
 from qflow._broker.keys import SCHEMA_VERSION, QueueKeys
 from qflow._state import TRANSITIONS
@@ -56,7 +67,9 @@ T = TypeVar("T")
 QUEUE = "lifecycle"
 LONG_MS = 60_000  # a lease that outlives any run by far
 LATER_MS = 600_000  # a delay that keeps a job delayed for the whole run
-KEEP = 100_000  # retention large enough that trimming never runs in the machine
+KEEP = 100_000  # retention larger than anything a run creates: nothing is trimmed
+KEEPS = st.sampled_from([1, 1, 2, 3, KEEP])  # finished jobs a run keeps (completed and failed drawn apart)
+CORRUPT = st.sampled_from(["garbage", "-1", ""])  # stored counters no script can add to or pack
 NOTIFY_TTL_MS = 60_000
 PROMOTE_LIMIT = 1000
 RECOVER_LIMIT = 1000
@@ -123,7 +136,10 @@ class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self, url: str) -> None:
         super().__init__()
         self.k = QueueKeys(f"qflowtest-{uuid.uuid4().hex[:12]}", QUEUE)
-        self.sync = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        # Text; a script's msgpack error for a corrupt job is kept as surrogates and compared as it is.
+        self.sync = redis.Redis.from_url(
+            url, decode_responses=True, encoding_errors="surrogateescape", socket_timeout=10
+        )
         self.runner = asyncio.Runner()
         # Scripts get a bytes client, as in qflow (claim's reply is binary); state is read as text.
         self.client = aioredis.Redis.from_url(url, socket_timeout=10)
@@ -136,8 +152,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.wait: list[str] = []  # as LRANGE 0 -1 shows it: LPUSH inserts at 0, RPOP takes the end
         self.delayed: dict[str, int] = {}  # id -> 0 while not due, else the tick it became due at
         self.active: dict[str, Lease] = {}
-        self.completed: set[str] = set()
-        self.failed: dict[str, int] = {}  # id -> the tick its failure time was pinned to (see `pin_failed`)
+        self.completed: dict[str, int] = {}  # id -> the tick its completion time was pinned to (`pin`)
+        self.failed: dict[str, int] = {}  # id -> the tick its failure time was pinned to (see `pin`)
         self.attempts: Counter[str] = Counter()
         self.stalls: Counter[str] = Counter()
         self.results: dict[str, str] = {}
@@ -146,6 +162,18 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.issued: dict[str, list[str]] = {}  # id -> tokens of all its deliveries so far
         self.held: list[Held] = []
         self.finished: dict[str, tuple[Any, ...]] = {}  # a finished job as first seen; must never change
+        self.next_id = 0
+        self.keep_completed = KEEP
+        self.keep_failed = KEEP
+        self.trimmed: set[str] = set()  # ids retention trimmed (free again, unless added since)
+        self.just_trimmed: set[str] = set()  # since the last lifecycle check: their state went, by no row
+        self.corrupt: dict[str, dict[str, str | None]] = {}  # id -> stored attempts/stalls that are no count
+        # Result waiters. `registered`: watched while unfinished, and not finished since; a script that
+        # finishes one must leave a wake-up. `maybe_registered`: registered before claim or recover failed the
+        # job (neither notifies) or retry_failed requeued it: a script may or may not have dropped the entry.
+        self.registered: set[str] = set()
+        self.maybe_registered: set[str] = set()
+        self.notified: set[str] = set()  # ids with a notify list (complete/fail woke a waiter)
         # What the lifecycle check needs: the scripts called since the last check, and each job's stored
         # state at that check.
         self.ran: list[str] = []
@@ -255,21 +283,70 @@ class LifecycleMachine(RuleBasedStateMachine):
         for job_id in job_ids:
             self.active[job_id].expired_at = self.tick
 
-    def pin_failed(self, job_ids: list[str]) -> None:
-        """Jobs one script call just failed: check it stored the server time, then pin that to ticks."""
+    def pin(self, finished: Literal["completed", "failed"], job_ids: list[str]) -> None:
+        """Jobs one script call just finished (and kept): check it stored the server time, then pin that to
+        ticks, in id order (the order of equal scores), so the next trim and "oldest first" are exact."""
         if not job_ids:
             return
+        key = getattr(self.k, finished)
+        model: dict[str, int] = getattr(self, finished)
         with self.sync.pipeline(transaction=True) as p:
             p.time()
             for job_id in job_ids:
-                p.zscore(self.k.failed, job_id)
+                p.zscore(key, job_id)
             (secs, micros), *scores = p.execute()
-        assert len(set(scores)) == 1, "one script call stored different failure times"
-        assert self.past_ms < scores[0] <= secs * 1000 + micros // 1000, "failure time is not the server's"
-        for job_id in job_ids:
+        assert len(set(scores)) == 1, f"one script call stored different {finished} times"
+        assert self.past_ms < scores[0] <= secs * 1000 + micros // 1000, (
+            f"{finished} time is not the server's"
+        )
+        for job_id in sorted(job_ids):
             self.tick += 1
-            self.failed[job_id] = self.tick
-        assert self.sync.zadd(self.k.failed, {i: self.failed[i] for i in job_ids}, xx=True) == 0
+            model[job_id] = self.tick
+        assert self.sync.zadd(key, {i: model[i] for i in job_ids}, xx=True) == 0
+
+    def finish(self, finished: Literal["completed", "failed"], new: list[str]) -> None:
+        """`new` just entered a finished set in one script call, which then trimmed the set to its keep count:
+        the oldest go (pinned ticks first, then the call's own jobs, which share its time, by id). A call
+        that finished nothing trims nothing."""
+        if not new:
+            return
+        model: dict[str, int] = getattr(self, finished)
+        keep = self.keep_completed if finished == "completed" else self.keep_failed
+        order = [i for _, i in sorted((t, i) for i, t in model.items())] + sorted(new)
+        victims = order[: max(0, len(order) - keep)]
+        self.forget(victims)
+        self.pin(finished, [i for i in new if i not in victims])
+
+    def forget(self, job_ids: list[str]) -> None:
+        """Retention trimmed these finished jobs: every field of theirs is gone, their ids free again."""
+        for job_id in job_ids:
+            del self.envelopes[job_id]
+            self.completed.pop(job_id, None)
+            self.failed.pop(job_id, None)
+            self.results.pop(job_id, None)
+            self.errors.pop(job_id, None)
+            del self.attempts[job_id]
+            del self.stalls[job_id]
+            self.corrupt.pop(job_id, None)
+            self.finished.pop(job_id, None)
+            self.registered.discard(job_id)
+            self.maybe_registered.discard(job_id)
+            self.trimmed.add(job_id)
+            self.just_trimmed.add(job_id)
+
+    def woken(self, state: str, job_ids: list[str]) -> None:
+        """These jobs were just completed or failed by complete/fail: each registered waiter's notify list
+        now starts with the state (its blocking wait ends at once), and lives at most the notify TTL."""
+        for job_id in job_ids:
+            if job_id in self.registered:
+                key = self.k.notify(job_id)
+                assert self.sync.lindex(key, 0) == state, f"the waiter on {job_id} was not woken"
+                assert 0 < self.sync.pttl(key) <= NOTIFY_TTL_MS, f"notify list of {job_id} without a TTL"
+                self.notified.add(job_id)
+            elif job_id in self.maybe_registered and self.sync.exists(self.k.notify(job_id)):
+                self.notified.add(job_id)
+            self.registered.discard(job_id)
+            self.maybe_registered.discard(job_id)
 
     def drop_held(self, pairs: list[tuple[str, str]]) -> None:
         """A worker forgets a delivery once it acked it, whatever the answer was."""
@@ -286,7 +363,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     # `add` and `claim` feed every other rule, so they take a single argument and draw the rest inside.
     @rule(data=st.data())
     def add(self, data: st.DataObject) -> None:
-        """Add 1-3 jobs: now, delayed, with a past or future run_at, or reusing an existing id."""
+        """Add 1-3 jobs: now, delayed, with a past or future run_at, reusing an existing id, or the id of a
+        job retention trimmed (a new job: the id is free again)."""
         modes = ["now", "delay", "run_at_past", "run_at_future"]
         self.add_jobs(data, data.draw(st.integers(1, 3), label="n"), modes)
 
@@ -294,13 +372,18 @@ class LifecycleMachine(RuleBasedStateMachine):
         jobs = []
         expected = []
         for _ in range(n):
-            mode = data.draw(
-                st.sampled_from([*modes, "duplicate"] if self.envelopes else modes), label="mode"
-            )
+            freed = sorted(self.trimmed - set(self.envelopes))
+            extra = ["duplicate"] if self.envelopes else []
+            extra += ["trimmed id"] if freed else []
+            mode = data.draw(st.sampled_from([*modes, *extra]), label="mode")
             if mode == "duplicate":
                 job_id = data.draw(st.sampled_from(sorted(self.envelopes)), label="existing id")
+            elif mode == "trimmed id":
+                job_id = data.draw(st.sampled_from(freed), label="trimmed id")
+                mode = "now"
             else:
-                job_id = f"j{len(self.envelopes)}"
+                job_id = f"j{self.next_id}"
+                self.next_id += 1
             # Sizes vary (padding) so that a claim's largest-envelope limit can fail some jobs and not others.
             pad = data.draw(st.sampled_from([0, 0, 40]), label="padding")
             envelope = f"env-{job_id}-{self.next_serial()}" + "." * pad
@@ -325,6 +408,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         """Promote due delayed jobs, then take up to `count` waiting jobs under a long or a 0 ms lease.
 
         Sometimes with a largest accepted envelope (ARGV[4]) that some taken jobs exceed: those fail at claim.
+        A taken job with a corrupt counter fails at claim too, alone, with a reason naming the field.
         """
         count = data.draw(st.integers(1, 3), label="count")
         lease = data.draw(LEASES, label="lease ms")
@@ -345,6 +429,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             for job_id in over:
                 self.errors[job_id] = error  # no lease, no token, no attempt spent
                 self.stats["failed"] += 1
+        broken = [i for i in taken if i in self.corrupt and i not in over]
+        self.stats["failed"] += len(broken)
         res = self.call(
             "claim",
             scripts.claim(
@@ -357,8 +443,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                 too_large=error.encode(),
             ),
         )
-        self.pin_failed(over)
-        leased = [i for i in taken if i not in over]
+        self.failed_at_claim(broken)
+        self.pin("failed", over + broken)  # claim does not trim (it is given no retention)
+        self.maybe_registered |= self.registered & {*over, *broken}  # claim wakes no waiter
+        self.registered -= {*over, *broken}
+        leased = [i for i in taken if i not in over and i not in broken]
         assert res.waiting == len(self.wait)
         if self.delayed:
             assert 0 < res.next_due_ms <= LATER_MS
@@ -378,6 +467,40 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.held.append(Held(worker, job_id, token))
         if lease == 0:
             self.expire(leased)
+
+    def failed_at_claim(self, job_ids: list[str]) -> None:
+        """Jobs with a corrupt counter that a claim took: each failed alone, its error naming the field."""
+        if not job_ids:
+            return
+        with self.sync.pipeline(transaction=True) as p:
+            for job_id in job_ids:
+                p.hget(self.k.state, job_id)
+                p.hget(self.k.errors, job_id)
+                p.hget(self.k.attempts, job_id)
+                p.hget(self.k.stalls, job_id)
+            replies = p.execute()
+        for n, job_id in enumerate(job_ids):
+            state, error, attempts, stalls = replies[4 * n : 4 * n + 4]
+            fields = [f for f, v in self.corrupt[job_id].items() if v is not None and not v.isdigit()]
+            assert state == "failed", f"{job_id} with a corrupt {fields} is {state!r}"
+            assert error is not None
+            info = _codec.decode_error(error.encode("utf-8", "surrogateescape"))
+            assert any(f in info.message for f in fields), f"the reason names no corrupt field: {info}"
+            self.errors[job_id] = error
+            # Kept as stored or dropped: either way the job's record says what the script left.
+            self.corrupt[job_id] = {"attempts": attempts, "stalls": stalls}
+
+    @precondition(lambda self: set(self.wait) - set(self.corrupt))
+    @rule(data=st.data(), field=st.sampled_from(["attempts", "stalls"]), value=CORRUPT)
+    def corrupt_field(self, data: st.DataObject, field: str, value: str) -> None:
+        """A waiting job's stored attempts or stalls becomes a non-count (by hand, a bad migration)."""
+        job_id = data.draw(st.sampled_from(sorted(set(self.wait) - set(self.corrupt))), label="job")
+        self.sync.hset(getattr(self.k, field), job_id, value)
+        self.corrupt[job_id] = {
+            "attempts": str(self.attempts[job_id]) if self.attempts[job_id] else None,
+            "stalls": str(self.stalls[job_id]) if self.stalls[job_id] else None,
+            field: value,
+        }
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), lease=LEASES)
@@ -399,15 +522,18 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
         """Complete a batch of held deliveries; only current ones are recorded, the rest count as stale."""
-        pairs = self.draw_deliveries(data, 3)
+        self.complete_these(self.draw_deliveries(data, 3))
+
+    def complete_these(self, pairs: list[tuple[str, str]]) -> None:
         jobs = []
         expected = []
+        done: list[str] = []
         for job_id, token in pairs:
             result = f"res-{job_id}-{self.next_serial()}"
             jobs.append((job_id, token, result))
             if self.current(job_id, token):
                 del self.active[job_id]
-                self.completed.add(job_id)
+                done.append(job_id)
                 self.results[job_id] = result
                 self.stats["completed"] += 1
                 expected.append(True)
@@ -415,11 +541,18 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self.stats["stale_acks"] += 1
                 expected.append(False)
         assert self.call("complete", self.complete_call(jobs)) == expected
+        self.woken("completed", done)
+        self.finish("completed", done)
         self.drop_held(pairs)
 
     def complete_call(self, jobs: list[tuple[str, str, str]]) -> Awaitable[list[bool]]:
         return scripts.complete(
-            self.client, self.k, jobs, keep_count=KEEP, keep_age_ms=-1, notify_ttl_ms=NOTIFY_TTL_MS
+            self.client,
+            self.k,
+            jobs,
+            keep_count=self.keep_completed,
+            keep_age_ms=-1,
+            notify_ttl_ms=NOTIFY_TTL_MS,
         )
 
     def fail_call(self, job_id: str, token: str, error: str, spent: bool) -> Awaitable[bool]:
@@ -430,7 +563,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             token,
             error,
             spent=spent,
-            keep_count=KEEP,
+            keep_count=self.keep_failed,
             keep_age_ms=-1,
             notify_ttl_ms=NOTIFY_TTL_MS,
         )
@@ -440,14 +573,32 @@ class LifecycleMachine(RuleBasedStateMachine):
     def fail(self, data: st.DataObject, spent: bool) -> None:
         """Fail one held delivery, spending an attempt or not (stale ones: see `stale_ack`)."""
         [(job_id, token)] = self.draw_deliveries(data, 1)
+        self.fail_this(job_id, token, spent)
+
+    def fail_this(self, job_id: str, token: str, spent: bool) -> None:
         error = f"err-fail-{self.next_serial()}"
         del self.active[job_id]
         self.errors[job_id] = error
         self.attempts[job_id] += int(spent)
         self.stats["failed"] += 1
         assert self.call("fail", self.fail_call(job_id, token, error, spent)) is True
-        self.pin_failed([job_id])
+        self.woken("failed", [job_id])
+        self.finish("failed", [job_id])
         self.drop_held([(job_id, token)])
+
+    @rule(data=st.data(), outcome=st.sampled_from(["complete", "complete", "fail"]))
+    def worker_round(self, data: st.DataObject, outcome: str) -> None:
+        """A worker's whole round at once: claim a batch, then complete it (or fail its first job). Jobs reach
+        their end (and retention and result waiters their work) far more often than by single steps."""
+        before = set(self.held)
+        self.claim(data)
+        fresh = [(h.id, h.token) for h in self.held if h not in before and self.current(h.id, h.token)]
+        if not fresh:
+            return
+        if outcome == "complete":
+            self.complete_these(fresh)
+        else:
+            self.fail_this(*fresh[0], spent=True)
 
     @precondition(lambda self: self.live())
     @rule(data=st.data(), delay=st.sampled_from([0, LATER_MS]))
@@ -537,7 +688,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             lock_ms=LONG_MS,
             max_stalls=self.max_stalls,
             stalled_error="stalled",
-            keep_count=KEEP,
+            keep_count=self.keep_failed,
             keep_age_ms=-1,
             limit=RECOVER_LIMIT,
         )
@@ -547,6 +698,12 @@ class LifecycleMachine(RuleBasedStateMachine):
     def choose_max_stalls(self, max_stalls: int) -> None:
         """The checker's max_stalls for this run (0: the first stall fails a job)."""
         self.max_stalls = max_stalls
+
+    @initialize(keep_completed=KEEPS, keep_failed=KEEPS)
+    def choose_retention(self, keep_completed: int, keep_failed: int) -> None:
+        """How many completed and failed jobs this run keeps (1-3: trimming runs all along)."""
+        self.keep_completed = keep_completed
+        self.keep_failed = keep_failed
 
     @rule(second_checker=st.booleans())
     def recover(self, second_checker: bool) -> None:
@@ -569,7 +726,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self.wait.append(job_id)
                 recovered += 1
         assert (res.requeued, res.failed) == (recovered, len(failed))
-        self.pin_failed(failed)
+        self.maybe_registered |= self.registered & set(failed)  # recover wakes no waiter
+        self.registered -= set(failed)
+        self.finish("failed", failed)
         self.stats["stalled"] += recovered + len(failed)
         self.stats["failed"] += len(failed)
         if not second_checker:
@@ -587,7 +746,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         del self.failed[job_id]
         del self.attempts[job_id]
         del self.stalls[job_id]
+        self.corrupt.pop(job_id, None)
         self.errors.pop(job_id, None)
+        self.maybe_registered |= self.registered & {job_id}
+        self.registered.discard(job_id)
         self.wait.insert(0, job_id)
         self.stats["requeued"] += 1
         self.finished.pop(job_id, None)  # no longer finished: it may change again
@@ -597,9 +759,10 @@ class LifecycleMachine(RuleBasedStateMachine):
     def retry_failed(self, data: st.DataObject) -> None:
         """Retry jobs by id: a failed one is requeued (1), another is left alone (0), an unknown id is -1."""
         others = sorted(set(self.envelopes) - set(self.failed))
+        freed = sorted(self.trimmed - set(self.envelopes))
         ids = data.draw(
             st.lists(
-                st.sampled_from(sorted(self.failed)) | st.sampled_from([*others, "ghost"]),
+                st.sampled_from(sorted(self.failed)) | st.sampled_from([*others, *freed, "ghost"]),
                 min_size=1,
                 max_size=4,
             ),
@@ -625,6 +788,40 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.requeue(job_id)
         reply = self.call("retry_failed", scripts.retry_oldest_failed(self.client, self.k, n))
         assert reply == (len(oldest), len(self.failed))
+
+    # -- result waiters ---------------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def watch(self, data: st.DataObject) -> None:
+        """A result waiter looks at a job (``Job.result``'s first step): it reads the job's state and outcome,
+        and, if the job is unfinished, registers and then blocks on the job's notify list."""
+        freed = sorted(self.trimmed - set(self.envelopes))
+        unfinished = sorted({*self.wait, *self.delayed, *self.active})
+        anyone = st.sampled_from([*sorted(self.envelopes), *freed, "ghost"])
+        # Mostly a job that is not finished: the waiter then waits, and a later step may finish the job.
+        job_id = data.draw(st.sampled_from(unfinished) | anyone if unfinished else anyone, label="job")
+        state, raw = self.call("watch", scripts.watch(self.client, self.k, job_id))
+        expected = self.location(job_id) if job_id in self.envelopes else None
+        assert state == expected
+        if expected == "completed":
+            assert raw is not None
+            assert raw.decode() == self.results[job_id]
+        elif expected == "failed":
+            assert raw is not None
+            assert raw.decode("utf-8", "surrogateescape") == self.errors[job_id]
+        else:
+            assert raw is None
+        if expected in (None, "completed", "failed"):
+            return
+        self.registered.add(job_id)
+        self.maybe_registered.discard(job_id)
+        # The waiter's blocking wait (BLMOVE on the notify list) must block until this life of the job
+        # finishes: a wake-up already there, left by an earlier life of the id (before retry_failed, or
+        # before a trim and a new add), would end every wait at once and make it spin.
+        assert self.sync.llen(self.k.notify(job_id)) == 0, (
+            f"a result waiter on unfinished job {job_id} would wake at once: its notify list holds "
+            f"{self.sync.lrange(self.k.notify(job_id), 0, -1)}"
+        )
 
     # -- time passing, and the server forgetting scripts ------------------------------------------------
 
@@ -663,8 +860,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert s["wait"] == self.wait
         assert set(s["delayed"]) == set(self.delayed)
         assert set(s["active"]) == set(self.active)
-        assert set(s["completed"]) == self.completed
+        assert s["completed"] == {i: float(tick) for i, tick in self.completed.items()}
         assert s["failed"] == {i: float(tick) for i, tick in self.failed.items()}
+        # Retention: complete, fail and recover trim the set they add to down to its keep count (claim is
+        # given no retention: its failures wait for the next fail or recover).
+        assert len(s["completed"]) <= self.keep_completed
         assert s["state"] == {i: self.location(i) for i in self.envelopes}
         # An active job has a token, and only an active one; a lease is live only while deadline > now.
         assert s["tokens"] == {i: lease.token for i, lease in self.active.items()}
@@ -673,20 +873,32 @@ class LifecycleMachine(RuleBasedStateMachine):
         for i, order in self.delayed.items():
             assert (s["delayed"][i] <= now) == bool(order), f"due time of {i}"
         assert s["jobs"] == self.envelopes
-        assert s["attempts"] == {i: str(n) for i, n in self.attempts.items() if n}
-        assert s["stalls"] == {i: str(n) for i, n in self.stalls.items() if n}
-        assert all(int(n) <= self.max_stalls + 1 for n in s["stalls"].values())
-        assert all(i in s["failed"] for i, n in s["stalls"].items() if int(n) > self.max_stalls)
+        for name in ("attempts", "stalls"):
+            counts: Counter[str] = getattr(self, name)
+            stored = {i: str(n) for i, n in counts.items() if n and i not in self.corrupt}
+            stored |= {i: fields[name] for i, fields in self.corrupt.items() if fields[name] is not None}
+            assert s[name] == stored, name
+        sound = {i: n for i, n in s["stalls"].items() if i not in self.corrupt}
+        assert all(int(n) <= self.max_stalls + 1 for n in sound.values())
+        assert all(i in s["failed"] for i, n in sound.items() if int(n) > self.max_stalls)
         assert s["results"] == self.results
         assert s["errors"] == self.errors
-        assert s["waiters"] == {}
+        # A waiter entry only for a job some waiter registered on since it last finished (one that claim or
+        # recover failed, or retry_failed requeued, may keep it or not), and for every such job still waiting.
+        assert set(s["waiters"]) <= self.registered | self.maybe_registered
+        assert self.registered <= set(s["waiters"]), "a registered waiter was dropped"
         assert s["stats"] == {name: str(value) for name, value in self.stats.items() if value}
         assert s["meta"] == {"schema": str(SCHEMA_VERSION)} or not self.envelopes
-        # Scripts write only the queue's declared keys (Redis Cluster needs every key passed in KEYS); with
-        # no waiters registered, not even a notify list.
+        # Scripts write only the queue's declared keys (Redis Cluster needs every key passed in KEYS), and the
+        # notify list of a job whose waiter complete or fail woke, which expires within the notify TTL.
         declared = set(self.k.all_fixed())
-        found = self.sync.scan_iter(match=f"{self.k.prefix}:*", count=10_000)
-        assert not [key for key in found if key not in declared], "a script wrote an undeclared key"
+        notify = {self.k.notify(i) for i in self.notified}
+        found = [
+            k for k in self.sync.scan_iter(match=f"{self.k.prefix}:*", count=10_000) if k not in declared
+        ]
+        assert not [k for k in found if k not in notify], "a script wrote an undeclared key"
+        for key in found:
+            assert 0 < self.sync.pttl(key) <= NOTIFY_TTL_MS, f"{key} is not bounded in time"
         # A finished job never changes again.
         for i in [*s["completed"], *s["failed"]]:
             record = (
@@ -706,10 +918,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         """Since the last check, each stored state moved only along TRANSITIONS rows of the scripts run."""
         states = {str(i): str(state) for i, state in self.sync.hgetall(self.k.state).items()}
         ran, self.ran = self.ran, []
+        trimmed, self.just_trimmed = self.just_trimmed, set()
         for job_id in sorted(self.seen.keys() | states.keys()):
             before, after = self.seen.get(job_id), states.get(job_id)
             if before == after:
                 continue
+            if after is None and job_id in trimmed:
+                # Retention deleted it once finished (by rows of the scripts that ran): not a move, gone.
+                after = "completed" if explained(before, "completed", ran) else "failed"
             assert explained(before, after, ran), (
                 f"job {job_id} went {before or '(new)'} -> {after} while {', '.join(ran) or 'no script'} "
                 f"ran, and no row of qflow._state.TRANSITIONS explains it (rows of those scripts: "
