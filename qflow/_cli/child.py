@@ -253,21 +253,14 @@ def run_child(cfg: ChildConfig) -> ExitCode:
 
 
 async def _run(worker: Worker, ctl: _Control) -> None:
-    from .._broker.keys import FleetKeys
-    from .._broker.servercheck import check_access
-
     loop = asyncio.get_running_loop()
     ctl.loop = loop
     sigs = [signal.SIGTERM, signal.SIGQUIT] + ([] if ctl.cfg.supervised else [signal.SIGINT])
     for sig in sigs:
         loop.add_signal_handler(sig, ctl.on_signal, sig)
     try:
-        # Before the worker reports ready: an ACL user who may not touch the queues' keys is refused now,
-        # as a boot failure the supervisor does not restart, not by the first claim of a ready worker.
-        app = worker.app
-        groups = {f"queue {q.name!r}": q.keys.all_fixed() for q in worker.queues}
-        groups["the fleet registry"] = (FleetKeys(app.prefix).workers,)
-        await check_access(app._worker_redis(), groups)
+        # Worker.run checks the server and the ACL user's access to the queues' keys before it starts any
+        # part, so a refusal is a boot failure the supervisor does not restart (the ready report comes later).
         await worker.run()
     finally:
         ctl.loop = None

@@ -31,7 +31,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._broker import scripts
-from .._broker.servercheck import check_server
+from .._broker.keys import FleetKeys
+from .._broker.servercheck import check_access, check_server
 from .._queue import Queue
 from .._settings import MAX_CONCURRENCY, MAX_COUNT, check_number
 from ..exceptions import ConfigurationError
@@ -198,8 +199,14 @@ class Worker:
         gate.open()  # nothing held from an earlier run
         gate.busy = 0
         shared.runners = runners = [QueueRunner(q, self._concurrency, window, gate) for q in self.queues]
-        self.server_warnings = await check_server(self.app.redis())
-        await scripts.load_all(self.app.redis())
+        client = shared.redis()
+        self.server_warnings = await check_server(client)
+        # Before the worker reports ready: an ACL user who may not touch the queues' keys is refused now
+        # (BrokerAuthError; exit CONFIG under the CLI), not by its first claim.
+        groups = {f"queue {r.queue.name!r}": r.keys.all_fixed() for r in runners}
+        groups["the fleet registry"] = (FleetKeys(self.app.prefix).workers,)
+        await check_access(client, groups)
+        await scripts.load_all(client)
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

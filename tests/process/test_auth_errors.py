@@ -279,3 +279,22 @@ def test_one_shot_commands_exit_config_on_refused_credentials(secured: Secured, 
     assert proc.returncode == ExitCode.CONFIG, proc.stderr
     assert "Redis refused the credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_an_in_process_worker_denied_the_queue_keys_raises_at_start(secured: Secured) -> None:
+    """``Worker.run`` (as ``App.run_worker`` uses it) checks key access first: a user whose ACL misses the
+    queue's keys gets ``BrokerAuthError`` before the worker starts, not a claim loop."""
+    app = qflow.App(secured.url("nokeys", USER_PASSWORD), prefix=secured.prefix)
+    q = app.queue("denied")
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        raise AssertionError("no job should run")
+
+    worker = qflow.Worker(app)
+    try:
+        with pytest.raises(BrokerAuthError, match="ACL permission"):
+            await asyncio.wait_for(worker.run(), 20)
+        assert not worker.ready.is_set()
+    finally:
+        await app.close()
