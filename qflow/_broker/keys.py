@@ -141,3 +141,40 @@ class FleetKeys:
     def worker(self, worker_id: str) -> str:
         """Hash describing one worker process (host, pid, queues, counters); expires unless renewed."""
         return f"{self.prefix}:{{#fleet}}:worker:{worker_id}"
+
+
+# -- Repeatable jobs (issue 14) ---------------------------------------------------------------------------
+# A queue's schedules live beside its jobs, under the queue's hash tag, so `fire.lua` creates a job and moves
+# the schedule's cursor in one slot and one atomic step. Per-schedule data sits in per-queue hashes keyed by
+# schedule id, as per-job data does. Only the wake-up stream is fleet-wide: one key every worker process can
+# block on, whatever its queues (it carries no state, only "re-read the schedules").
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleKeys:
+    """Names of the keys holding one queue's schedules (cron and interval jobs)."""
+
+    prefix: str
+    queue: str
+
+    @property
+    def schedules(self) -> str:
+        """Hash: schedule id -> encoded spec (``qflow._schedule.ScheduleSpec``), as last upserted."""
+        return f"{self.prefix}:{{{self.queue}}}:schedules"
+
+    @property
+    def schedule_next(self) -> str:
+        """Sorted set: schedule id -> the next tick to fire (ms, server clock): the cursor ``fire`` moves."""
+        return f"{self.prefix}:{{{self.queue}}}:schedule_next"
+
+    @property
+    def schedule_state(self) -> str:
+        """Hash of per-schedule fields, each named ``<field>:<schedule id>``: ``ver`` (bumped by every change
+        of the spec), ``env`` (the envelope of the job each tick creates), ``last`` (tick last fired, ms),
+        ``fired`` (jobs created), ``missed`` (ticks that got no job: misfire policy)."""
+        return f"{self.prefix}:{{{self.queue}}}:schedule_state"
+
+    @property
+    def events(self) -> str:
+        """Stream (capped) of schedule changes, fleet-wide: idle schedulers block on it to wake at a change."""
+        return f"{self.prefix}:{{#fleet}}:schedule_events"
