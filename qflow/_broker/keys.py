@@ -70,6 +70,15 @@ class QueueKeys:
     """Lock that lets one stalled-job checker act per interval across all workers."""
     meta: str = field(init=False, repr=False, compare=False)
     """Hash holding the schema version."""
+    marker: str = field(init=False, repr=False, compare=False)
+    """Sorted set of wake-ups that idle fetchers block on (``BZPOPMIN``: each wake-up wakes one of them).
+
+    Member ``now`` (score 0): jobs are waiting. Member ``due`` (score: the due time, ms, server clock): a
+    delayed job became the earliest and no idle fetcher times its wait to it yet. Two members at most; every
+    script that pushes to ``wait`` or makes a job due earlier than before writes it (issue 14)."""
+    timer: str = field(init=False, repr=False, compare=False)
+    """String: the fetcher id of the one idle fetcher that times its wait to the earliest delayed job; set by
+    the claim, for that fetcher's wait plus one more, so a dead holder's role passes on (issue 14)."""
     _notify: str = field(init=False, repr=False, compare=False)
     _notify_raw: bytes = field(init=False, repr=False, compare=False)
 
@@ -111,6 +120,8 @@ _FIXED = (
     "stats",
     "checker",
     "meta",
+    "marker",
+    "timer",
 )
 """The fixed keys of a queue: each is named ``<prefix>:{<queue>}:<name>``."""
 
