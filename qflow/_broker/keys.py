@@ -187,5 +187,5 @@ class ScheduleKeys:
 
     @property
     def events(self) -> str:
-        """Stream (capped) of schedule changes, fleet-wide: idle schedulers block on it to wake at a change."""
+        """Stream (capped) of schedule changes, fleet-wide: idle schedulers block on it to wake at once."""
         return f"{self.prefix}:{{#fleet}}:schedule_events"
