@@ -7,8 +7,15 @@
   test that blocks its own loop does not slow the network down). Modes: ``pass``, ``reset`` (new connections
   are reset; ``reset_all`` resets the open ones), ``blackhole`` (sockets stay open, bytes vanish both ways),
   ``drop_replies`` (requests reach the server, replies vanish) and ``latency`` (every chunk is delayed).
+  ``deafen_after(pattern)`` targets one call: the connection that sends a request containing ``pattern`` (a
+  script's SHA, say) gets no reply from then on, and every other connection goes on as before.
 - ``snapshot`` + ``check``: one MULTI reads a queue's whole state; ``check`` lists every broken invariant of
-  DESIGN.md and counts what matters (lost, completed twice, jobs outside the attempt and stall limits).
+  DESIGN.md and counts what matters (lost, completed twice, healthy jobs failed, jobs outside the attempt and
+  stall limits, finished sets over their retention bound).
+- ``Finished``: a thread that records every job it sees finished, so a job that retention trimmed (every
+  record of it deleted) still counts as completed or failed, not as lost.
+- ``FaultWindow`` + ``in_flight``: when each fault was on and whom it hit; which jobs could have been in
+  flight at it (the only jobs a fault may stall, run twice or, after enough faults, fail as stalled).
 - ``Figures``: each test's numbers, printed as one JSON line (and appended to ``$QFLOW_FAULTS_REPORT`` when
   set, so one full run yields the table of the issue's note).
 
@@ -31,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,7 @@ import qflow
 from qflow import _codec
 from qflow._broker.keys import QueueKeys
 from qflow.testing import valkey_binary
+from tests.process.ledger_app import Ledger
 
 # -- test-profile timing -----------------------------------------------------------------------------------
 
@@ -236,6 +244,8 @@ class _Pipe:
         self.client = client
         self.server = server
         self.tasks: list[asyncio.Task[None]] = []
+        self.deaf = False
+        """Replies to this connection vanish (``Proxy.deafen_after`` matched one of its requests)."""
 
     def abort(self) -> None:
         """Close both sides with a TCP RST (SO_LINGER 0), as a crashed middlebox or a kernel would."""
@@ -258,7 +268,9 @@ class _Pipe:
                 if not data:
                     break
                 mode = self.proxy.mode
-                if mode == "blackhole" or (mode == "drop_replies" and reply):
+                if not reply:
+                    self.proxy.match(self, data)
+                if mode == "blackhole" or (reply and (mode == "drop_replies" or self.deaf)):
                     self.proxy.dropped += len(data)
                     continue
                 delay = self.proxy.latency if mode == "latency" else 0.0
@@ -297,6 +309,9 @@ class Proxy:
         self.dropped = 0
         self.accepted = 0
         self.resets = 0
+        self._deafen: list[bytes] = []
+        self.deafened: list[float] = []
+        """When each ``deafen_after`` pattern matched (monotonic)."""
         self._pipes: set[_Pipe] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -378,6 +393,24 @@ class Proxy:
 
         self._call(apply)
         return time.monotonic()
+
+    def deafen_after(self, pattern: bytes) -> None:
+        """The next request containing ``pattern`` (once) makes its connection deaf: the server runs it, but
+        it and whatever follows on that connection get no reply. The client times out and reconnects."""
+
+        def apply() -> None:
+            self._deafen.append(pattern)
+
+        self._call(apply)
+
+    def match(self, pipe: _Pipe, data: bytes) -> None:
+        """On the proxy's loop: deafen ``pipe`` if ``data`` (a request) holds a ``deafen_after`` pattern."""
+        for pattern in self._deafen:
+            if pattern in data:
+                self._deafen.remove(pattern)
+                pipe.deaf = True
+                self.deafened.append(time.monotonic())
+                return
 
     def reset_all(self) -> int:
         """Reset every open connection now (both sides get a RST); return how many."""
@@ -504,10 +537,19 @@ class Check:
     completed: int = 0
     failed: int = 0
     failed_stalled: int = 0
+    healthy_failed: int = 0
+    """Jobs whose handler never raises that ended failed, whatever the reason: must be 0."""
+    stalled_unexplained: int = 0
+    """Jobs failed as stalled without having been in flight at more than ``max_stalls`` faults."""
+    trimmed: int = 0
+    """Acknowledged jobs that finished and were then trimmed by retention (seen by ``Finished``)."""
     completed_twice: int = 0
     over_attempts: int = 0
     over_stalls: int = 0
     active_without_lease: int = 0
+    completed_max: int = 0
+    """The most completed jobs the queue held at once (``Finished``'s largest reading, or the snapshot)."""
+    failed_max: int = 0
     violations: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, int]:
@@ -517,6 +559,9 @@ class Check:
             "completed": self.completed,
             "failed": self.failed,
             "failed_stalled": self.failed_stalled,
+            "healthy_failed": self.healthy_failed,
+            "stalled_unexplained": self.stalled_unexplained,
+            "trimmed": self.trimmed,
             "completed_twice": self.completed_twice,
             "over_attempts": self.over_attempts,
             "over_stalls": self.over_stalls,
@@ -533,18 +578,34 @@ def check(
     max_stalls: int = PROFILE.max_stalls,
     quiescent: bool = True,
     fresh_queue: bool = True,
+    unhealthy: Iterable[str] = (),
+    in_flight: Mapping[str, int] | None = None,
+    finished: Finished | None = None,
+    keep: int | None = None,
 ) -> Check:
     """Check the invariants of DESIGN.md on one snapshot.
 
     Always: every job is in exactly one structure matching its state (no half-states), the wait list holds
     no id twice, every active job has a lease (a deadline and a token), attempt and stall counters are within
     their limits. With ``quiescent``: every acknowledged add is in a terminal state (else it counts as lost).
-    With ``fresh_queue`` (the queue was empty before the test and retention keeps every job): the lifetime
-    ``completed`` counter equals the number of completed jobs, so no job was ever completed twice.
+
+    Every acknowledged job not in ``unhealthy`` is healthy (its handler never raises): it must end completed
+    (``healthy_failed`` counts the others, each a violation). A job failed as "stalled" (healthy or not) must
+    have been in flight at more than ``max_stalls`` faults: ``in_flight`` says at how many each job could have
+    been (see ``in_flight``); without it, at none.
+
+    ``finished`` (a ``Finished`` that watched the queue) vouches for jobs that are gone from Redis because
+    retention trimmed them: they count as what it saw them end as, not as lost. With ``keep``, the finished
+    sets must never have held more than ``keep`` jobs (at the snapshot, and at every reading of ``finished``).
+
+    With ``fresh_queue`` (the queue was empty before the test): the lifetime ``completed`` counter equals the
+    number of distinct jobs ever completed, so no job was ever completed twice.
     """
     c = Check()
     v = c.violations
     ack = list(dict.fromkeys(acknowledged))
+    sick = set(unhealthy)
+    faults_at = in_flight or {}
     c.jobs = len(ack)
     in_wait = Counter(snap.wait)
     for job_id, n in in_wait.items():
@@ -592,23 +653,213 @@ def check(
             v.append(f"{job_id} stalled {n} times but is {snap.state.get(job_id)!r}, not failed")
     for job_id in ack:
         st = snap.state.get(job_id)
+        kind = snap.failure_kind(job_id) if st == "failed" else None
+        if st is None and finished is not None and job_id in finished.outcome:
+            st, kind = finished.outcome[job_id], finished.kinds.get(job_id)
+            c.trimmed += 1
         if st == "completed":
             c.completed += 1
         elif st == "failed":
             c.failed += 1
-            if snap.failure_kind(job_id) == "stalled":
+            if job_id not in sick:
+                c.healthy_failed += 1
+                v.append(f"healthy job {job_id} ended failed ({kind}); healthy jobs must complete")
+            if kind == "stalled":
                 c.failed_stalled += 1
+                hit = faults_at.get(job_id, 0)
+                if hit <= max_stalls:
+                    c.stalled_unexplained += 1
+                    v.append(
+                        f"{job_id} failed as stalled, but could have been in flight at {hit} fault(s) only "
+                        f"(failing takes {max_stalls + 1})"
+                    )
         elif quiescent:
             c.lost += 1
-            v.append(f"acknowledged job {job_id} is {st!r}, not completed or failed")
+            why = f"acknowledged job {job_id} is {st!r}, not completed or failed"
+            if st is None and finished is not None and finished.behind:
+                why += f" (the Finished watcher fell behind {finished.behind} times: maybe trimmed unseen)"
+            v.append(why)
     if fresh_queue:
-        c.completed_twice = max(0, snap.stats.get("completed", 0) - len(snap.completed))
+        ever = set(snap.completed)
+        if finished is not None:
+            ever |= finished.ever("completed")
+        c.completed_twice = max(0, snap.stats.get("completed", 0) - len(ever))
         if c.completed_twice:
             v.append(
-                f"stats.completed = {snap.stats.get('completed', 0)} but {len(snap.completed)} jobs are "
+                f"stats.completed = {snap.stats.get('completed', 0)} but {len(ever)} distinct jobs were "
                 "completed: some job was completed twice"
             )
+    c.completed_max = max(len(snap.completed), finished.max_completed if finished else 0)
+    c.failed_max = max(len(snap.failed), finished.max_failed if finished else 0)
+    if keep is not None:
+        for name, most in (("completed", c.completed_max), ("failed", c.failed_max)):
+            if most > keep:
+                v.append(f"the {name} set held {most} jobs at once; retention keeps {keep}")
     return c
+
+
+# -- finished jobs, whatever retention trimmed --------------------------------------------------------------
+
+
+class Finished:
+    """Every job seen completed or failed in one queue, by a thread reading its finished sets every 20 ms.
+
+    Retention deletes every record of the oldest finished jobs once a set holds more than its keep count, so
+    a final snapshot cannot tell a trimmed job from a lost one. This ledger can: a finished job stays in its
+    set until ``keep`` more jobs finished after it (25 jobs at 160 jobs/s: 150 ms, several readings). It also
+    records the largest size each set reached. ``behind`` counts readings between which more than ``keep``
+    jobs finished (some may have come and gone unseen); ``check`` then says so beside any job it calls lost.
+    It reads straight from the server (never through a proxy); while the server is down it keeps trying.
+    """
+
+    def __init__(self, server: ValkeyServer, keys: QueueKeys, *, keep: int | None, interval: float = 0.02):
+        self.server = server
+        self.keys = keys
+        self.keep = keep
+        self.interval = interval
+        self.outcome: dict[str, str] = {}
+        """Job id -> ``completed`` or ``failed``, as first seen."""
+        self.kinds: dict[str, str | None] = {}
+        """Failed job id -> its failure kind."""
+        self.max_completed = 0
+        self.max_failed = 0
+        self.readings = 0
+        self.behind = 0
+        self._last: tuple[int, int] | None = None
+        self._since: tuple[float, float] = (0.0, 0.0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+
+    def __enter__(self) -> Finished:
+        self._client = self.server.client(timeout=1.0)
+        self._thread = threading.Thread(target=self._run, name="finished-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the thread after one last reading (which must succeed: the server is up by then)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._thread = None
+        assert self._client is not None
+        try:
+            self.read()
+        finally:
+            self._client.close()
+
+    def ever(self, state: str) -> set[str]:
+        return {i for i, s in list(self.outcome.items()) if s == state}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(redis.RedisError, OSError):
+                self.read()
+            self._stop.wait(self.interval)
+
+    def read(self) -> None:
+        """One reading, in one MULTI: what entered each finished set since the last reading (a set is scored
+        by finishing time, server clock), both sizes and the lifetime counters."""
+        assert self._client is not None
+        k = self.keys
+        with self._client.pipeline(transaction=True) as p:
+            p.zrangebyscore(k.completed, self._since[0], "+inf", withscores=True)
+            p.zrangebyscore(k.failed, self._since[1], "+inf", withscores=True)
+            p.zcard(k.completed)
+            p.zcard(k.failed)
+            p.hmget(k.stats, ["completed", "failed"])
+            done_scored, failed_scored, n_in_done, n_in_failed, (n_done, n_failed) = p.execute()
+        done = [raw for raw, _ in done_scored]
+        failed = [raw for raw, _ in failed_scored]
+        self._since = (
+            max([self._since[0], *(score for _, score in done_scored)]),
+            max([self._since[1], *(score for _, score in failed_scored)]),
+        )
+        counts = (int(n_done or 0), int(n_failed or 0))
+        last = self._last
+        if self.keep is not None and last is not None:
+            self.behind += counts[0] - last[0] > self.keep or counts[1] - last[1] > self.keep
+        self._last = counts
+        self.readings += 1
+        self.max_completed = max(self.max_completed, int(n_in_done))
+        self.max_failed = max(self.max_failed, int(n_in_failed))
+        for raw in done:
+            self.outcome.setdefault(_s(raw), "completed")
+        new = [raw for raw in failed if _s(raw) not in self.outcome]
+        if new:
+            errors = self._client.hmget(k.errors, new)
+            for raw, err in zip(new, errors, strict=True):
+                self.outcome[_s(raw)] = "failed"
+                self.kinds[_s(raw)] = None if err is None else _codec.decode_error(err).kind
+
+
+# -- faults and the jobs they could hit ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """A fault from ``start`` to ``end`` (monotonic), on one worker process (``pid``) or on all (None)."""
+
+    kind: str
+    start: float
+    end: float
+    pid: int | None = None
+
+
+LINGER = SOCKET_TIMEOUT + PROFILE.lease_ttl
+"""How long after a fault is healed it can still hit a job: a connection it silenced is found dead at the
+socket timeout, and a lease starved of renewals meanwhile lapses up to a lease later."""
+ACK_SLACK = 1.0
+"""A handler that returned this long before a fault began had its completion recorded before it."""
+
+
+def deaths(led: Ledger, job_ids: Iterable[str]) -> list[FaultWindow]:
+    """A worker death for each run of these jobs (poison jobs: each start SIGKILLs its own process)."""
+    wanted = set(job_ids)
+    return [FaultWindow("poison", e.t, e.t, e.pid) for e in led.events("start") if e.job in wanted]
+
+
+def in_flight(led: Ledger, faults: Iterable[FaultWindow], added: Mapping[str, float]) -> Counter[str]:
+    """At how many of ``faults`` each job could have been in flight (claimed, running, or acking).
+
+    ``added``: job id -> when its add was first tried (monotonic). Generous by design (it bounds what a fault
+    may do): a job counts at a fault unless it was added after the fault's effects were over (``LINGER``
+    after its end), or its handler returned ``ACK_SLACK`` before the fault began and it never started again
+    until the fault was over. A fault on one worker counts only jobs whose last start before it was on that
+    worker, or that had not started anywhere yet (claimed there, maybe, but not started).
+    """
+    starts: dict[str, list[tuple[float, int]]] = {}
+    ends: dict[str, list[float]] = {}
+    for e in led.entries:
+        if e.job is None:
+            continue
+        if e.event == "start":
+            starts.setdefault(e.job, []).append((e.t, e.pid))
+        elif e.event == "end":
+            ends.setdefault(e.job, []).append(e.t)
+    faults = list(faults)
+    out: Counter[str] = Counter()
+    for job_id, t_add in added.items():
+        job_starts = starts.get(job_id, [])
+        job_ends = ends.get(job_id, [])
+        for f in faults:
+            over = f.end + LINGER
+            if t_add > over:
+                continue
+            done_at = max((t for t in job_ends if t < f.start - ACK_SLACK), default=None)
+            if done_at is not None and not any(done_at < t <= over for t, _ in job_starts):
+                continue
+            if f.pid is not None:
+                before = [pid for t, pid in job_starts if t <= f.end]
+                if before and before[-1] != f.pid:
+                    continue
+            out[job_id] += 1
+    return out
 
 
 # -- figures ----------------------------------------------------------------------------------------------
@@ -648,12 +899,22 @@ def seconds(value: float | None) -> float | None:
 # -- steady load ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One job a ``Load`` adds: its processor, payload and ``add()`` keywords (``delay=``, ``attempts=``)."""
+
+    name: str
+    payload: Any
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Load:
     """A producer adding jobs at a steady rate, each with an id made before its first try.
 
     An add that fails (the server is down, the connection was cut) is retried with the same id until it is
     acknowledged: ``add(job_id=...)`` is idempotent, so a write that landed before its reply was lost is
-    not made twice. Only acknowledged adds are the checker's business (``acknowledged``).
+    not made twice. Only acknowledged adds are the checker's business (``acknowledged``). ``make`` returns a
+    payload for processor ``name``, or a ``Spec`` (kept in ``specs``).
     """
 
     def __init__(
@@ -666,6 +927,9 @@ class Load:
         self.tag = tag
         self.acknowledged: list[str] = []
         self.acked_at: dict[str, float] = {}
+        self.tried_at: dict[str, float] = {}
+        """When each job's add was first tried (monotonic): a retried add may have landed at its first try."""
+        self.specs: dict[str, Spec] = {}
         self.failures = 0
         self.errors: Counter[str] = Counter()
         self.slowest_add = 0.0
@@ -678,12 +942,16 @@ class Load:
         while not stop.is_set():
             self._n += 1
             job_id = f"{self.tag}{self._n:06d}"
-            payload = self.make()
+            made = self.make()
+            spec = made if isinstance(made, Spec) else Spec(self.name, made)
+            if isinstance(made, Spec):
+                self.specs[job_id] = made
             give_up = loop.time() + retry_for
+            self.tried_at[job_id] = time.monotonic()
             while True:
                 t = loop.time()
                 try:
-                    await self.queue.add(self.name, payload, job_id=job_id)
+                    await self.queue.add(spec.name, spec.payload, job_id=job_id, **spec.options)
                 except qflow.BrokerUnavailable as exc:
                     self.failures += 1
                     self.errors[type(exc.__cause__).__name__] += 1
@@ -705,10 +973,15 @@ class Load:
         return [i for i in self.acknowledged if self.acked_at[i] > t]
 
 
-def progressed(client: redis.Redis, key: str, by: int) -> Callable[[], bool]:
-    """A predicate: the sorted set ``key`` (e.g. a queue's ``completed``) grew by ``by`` from now."""
-    start = int(client.zcard(key))
-    return lambda: int(client.zcard(key)) >= start + by
+def completions(client: redis.Redis, keys: QueueKeys) -> int:
+    """Jobs the queue ever completed (its lifetime counter: the completed set stops growing at its keep)."""
+    return int(client.hget(keys.stats, "completed") or 0)
+
+
+def progressed(client: redis.Redis, keys: QueueKeys, by: int) -> Callable[[], bool]:
+    """A predicate: ``by`` more jobs of the queue completed from now."""
+    start = completions(client, keys)
+    return lambda: completions(client, keys) >= start + by
 
 
 def elapsed(since: float, seconds: float) -> Callable[[], bool]:

@@ -46,20 +46,22 @@ def big_envelope(kind: str) -> bytes:
 async def test_50mb_job_injected_into_redis_neither_crashes_the_worker_nor_loses_a_job(
     kind: str, fault_workers: FaultWorkers, producer: qflow.Queue, direct: redis.Redis
 ) -> None:
-    """A 50 MB envelope written straight into Redis (past add's 1 MiB limit), between good jobs: the worker
-    claims it, survives it, and every job ends in a terminal state."""
+    """A 50 MB envelope written straight into Redis (past add's 1 MiB limit), between good jobs: the claim
+    fails it at once as a payload error (it never travels to the worker, which stays up), and every good job
+    completes."""
     before = await add_work(producer, 5, seconds=0.0)
     await inject(producer, "big", big_envelope(kind))
     after = await add_work(producer, 5, seconds=0.0)
     a = await fault_workers.start(concurrency=4)
     ids = [*before, "big", *after]
     snap, _ = await settle(direct, producer, ids, timeout=40, details=fault_workers.logs)
-    c = check(snap, ids)
+    c = check(snap, ids, unhealthy=["big"])
     neighbours = Counter(f"{snap.state[i]}:{snap.failure_kind(i)}" for i in before + after)
     Figures(
         f"input_50mb_{kind}",
         jobs=len(ids),
         lost=c.lost,
+        healthy_failed=c.healthy_failed,
         big=f"{snap.state.get('big')}:{snap.failure_kind('big')}",
         neighbours=dict(neighbours),
         worker_alive=a.popen.poll() is None,
@@ -67,14 +69,17 @@ async def test_50mb_job_injected_into_redis_neither_crashes_the_worker_nor_loses
 
     assert_clean(c)
     assert a.popen.poll() is None
+    assert snap.state["big"] == "failed"
+    assert snap.failure_kind("big") == "payload", "claim.lua fails an oversize stored job as a payload error"
+    assert not fault_workers.ledger().events("start", job="big"), "it never reached a handler"
 
 
 @pytest.mark.slow
 async def test_50mb_job_does_not_take_the_jobs_claimed_with_it_down(
     fault_workers: FaultWorkers, producer: qflow.Queue, direct: redis.Redis
 ) -> None:
-    """The good jobs claimed in the same batch as a 50 MB one complete, once each (the big one ends failed or
-    completed, the worker goes on). Short leases (0.3 s) make the batch's lease budget explicit."""
+    """The good jobs claimed in the same batch as a 50 MB one complete, once each; the big one fails as a
+    payload error, and the worker goes on. Short leases (0.3 s) make the batch's lease budget explicit."""
     before = await add_work(producer, 5, seconds=0.0)
     await inject(producer, "big", big_envelope("valid"))
     after = await add_work(producer, 5, seconds=0.0)
@@ -82,10 +87,11 @@ async def test_50mb_job_does_not_take_the_jobs_claimed_with_it_down(
     ids = [*before, "big", *after]
     snap, _ = await settle(direct, producer, ids, timeout=40, details=fault_workers.logs)
     led = fault_workers.ledger()
-    c = check(snap, ids)
+    c = check(snap, ids, unhealthy=["big"])
     assert_clean(c)
     assert a.popen.poll() is None
     assert [snap.state[i] for i in before + after] == ["completed"] * 10
+    assert (snap.state["big"], snap.failure_kind("big")) == ("failed", "payload")
     assert all(len(led.events("start", job=i)) == 1 for i in before + after)
 
 
@@ -112,6 +118,7 @@ async def test_same_job_ids_from_two_processes_at_once_make_one_job_each(
         "input_same_ids_two_processes",
         jobs=n,
         lost=c.lost,
+        healthy_failed=c.healthy_failed,
         dup=sum(r > 1 for r in runs.values()),
         dup_bound=0,
         jobs_in_redis=len(snap.jobs),

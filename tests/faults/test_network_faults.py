@@ -20,6 +20,7 @@ import redis
 import qflow
 from tests.faults.conftest import (
     KEEP,
+    TRIM_KEEP,
     FaultWorkers,
     Running,
     add_work,
@@ -33,10 +34,14 @@ from tests.faults.harness import (
     PROFILE,
     RECOVERY_BOUND,
     SOCKET_TIMEOUT,
+    FaultWindow,
     Figures,
+    Finished,
     Proxy,
     ValkeyServer,
     check,
+    completions,
+    in_flight,
     poll,
     seconds,
 )
@@ -103,7 +108,9 @@ async def test_blackhole_longer_than_the_lease_is_detected_and_zombie_acks_chang
     led = fault_workers.ledger()
     detected = min(failures_logged(led, a.pid, cut_at), default=None)
     recovered = [e.t for e in led.events("start", pid=b.pid) if e.job in ids]
-    c = check(snap, [*ids, new])
+    added = dict.fromkeys([*ids, new], cut_at)
+    hit = in_flight(led, [FaultWindow("blackhole", cut_at, healed_at, a.pid)], added)
+    c = check(snap, [*ids, new], in_flight=hit)
     zombie_logs = [e.msg for e in led.events("log", pid=a.pid) if e.t > healed_at]
     Figures(
         "network_blackhole",
@@ -111,6 +118,7 @@ async def test_blackhole_longer_than_the_lease_is_detected_and_zombie_acks_chang
         lost=c.lost,
         dup=ledger_figures(led, ids)["dup"],
         dup_bound=len(ids),
+        healthy_failed=c.healthy_failed,
         blackhole_s=hole_s,
         detected_s=seconds(None if detected is None else detected - cut_at),
         recovery_s=seconds(min(recovered) - cut_at if recovered else None),
@@ -131,27 +139,43 @@ async def test_blackhole_longer_than_the_lease_is_detected_and_zombie_acks_chang
 
 
 async def test_connection_resets_lose_nothing_and_run_nothing_twice(
-    proxy: Proxy, fault_workers: FaultWorkers, proxied_producer: qflow.Queue, direct: redis.Redis
+    proxy: Proxy,
+    server: ValkeyServer,
+    fault_workers: FaultWorkers,
+    proxied_producer: qflow.Queue,
+    direct: redis.Redis,
 ) -> None:
-    """Every connection (both workers' and the producer's) reset three times under load: clients reconnect,
-    a lost add is retried with its id, a lost claim reply comes back by lease; nothing lost or run twice."""
-    a = await fault_workers.start(concurrency=4, url=proxy.url)
-    b = await fault_workers.start(concurrency=4, url=proxy.url)
-    with Running(proxied_producer, rate=40, seconds=0.1) as run:
-        await poll(
-            lambda: direct.zcard(proxied_producer.keys.completed) >= 20, timeout=15, what="jobs flowing"
-        )
-        resets = await inject_rounds(proxy.reset_all, direct, proxied_producer, "reset")
+    """Every connection (both workers' and the producer's) reset three times under load, with retention
+    trimming all along: clients reconnect, a lost add is retried with its id, a lost claim reply comes back by
+    lease; nothing lost or run twice, every job completed, the finished sets within their bound."""
+    env = {ledger_app.ENV_KEEP: str(TRIM_KEEP)}
+    a = await fault_workers.start(concurrency=4, url=proxy.url, env=env)
+    b = await fault_workers.start(concurrency=4, url=proxy.url, env=env)
+    faults: list[FaultWindow] = []
+    with (
+        Finished(server, proxied_producer.keys, keep=TRIM_KEEP) as fin,
+        Running(proxied_producer, rate=40, seconds=0.1) as run,
+    ):
+        await poll(lambda: completions(direct, proxied_producer.keys) >= 20, timeout=15, what="jobs flowing")
+        resets = await inject_rounds(proxy.reset_all, direct, proxied_producer, "reset", faults=faults)
         acked = await run.stop()
-    snap, _ = await settle(direct, proxied_producer, acked, timeout=20, details=fault_workers.logs)
-    c = check(snap, acked)
-    figs = ledger_figures(fault_workers.ledger(), acked)
+        snap, _ = await settle(
+            direct, proxied_producer, acked, timeout=20, details=fault_workers.logs, finished=fin
+        )
+    led = fault_workers.ledger()
+    hit = in_flight(led, faults, run.load.tried_at)
+    c = check(snap, acked, in_flight=hit, finished=fin, keep=TRIM_KEEP)
+    figs = ledger_figures(led, acked)
     Figures(
         "network_reset",
         jobs=len(acked),
         lost=c.lost,
         dup=figs["dup"],
         dup_bound=0,
+        healthy_failed=c.healthy_failed,
+        trimmed=c.trimmed,
+        completed_max=c.completed_max,
+        keep=TRIM_KEEP,
         connections_reset=resets,
         stalled=snap.stats.get("stalled", 0),
         stale_acks=snap.stats.get("stale_acks", 0),
@@ -193,6 +217,7 @@ async def test_lost_reply_on_add_with_job_id_retried_makes_one_job(
         lost=c.lost,
         dup=ledger_figures(led, ["once"])["dup"],
         dup_bound=0,
+        healthy_failed=c.healthy_failed,
         add_failed_s=seconds(failed_after),
         written_before_retry=written is not None,
         runs=len(led.events("start", job="once")),
@@ -230,6 +255,7 @@ async def test_200ms_latency_makes_no_lease_lapse(
         lost=c.lost,
         dup=figs["dup"],
         dup_bound=0,
+        healthy_failed=c.healthy_failed,
         lease_s=lease,
         jobs_per_s=round(len(acked) / elapsed, 1),
         stalled=snap.stats.get("stalled", 0),

@@ -89,6 +89,7 @@ async def test_100k_jobs_from_4_producers_drained_by_2_processes_complete_once(
         "scale_100k",
         jobs=len(all_ids),
         lost=c.lost,
+        healthy_failed=c.healthy_failed,
         dup=sum(n > 1 for n in starts.values()),
         dup_bound=0,
         completed=c.completed,

@@ -88,7 +88,7 @@ async def test_seeded_chaos_soak_loses_nothing(
                 # Recovery: the queue makes progress again (ten more completions).
                 t_heal = f.end
                 when = await poll(
-                    progressed(direct, queue.keys.completed, 10),
+                    progressed(direct, queue.keys, 10),
                     timeout=30,
                     what=f"progress after {kind}",
                     interval=0.05,
