@@ -18,6 +18,7 @@ import pytest
 import redis
 
 import qflow
+from qflow._broker import scripts
 from tests.faults.conftest import (
     KEEP,
     TRIM_KEEP,
@@ -44,6 +45,7 @@ from tests.faults.harness import (
     in_flight,
     poll,
     seconds,
+    snapshot,
 )
 from tests.faults.test_worker_crashes import result_pid
 from tests.process import ledger_app
@@ -228,6 +230,77 @@ async def test_lost_reply_on_add_with_job_id_retried_makes_one_job(
     assert failed_after < 0.5 * 3 + 0.5, "the caller learns within its socket timeout (one try, no retry)"
     assert len(led.events("start", job="once")) == 1
     assert snap.stats.get("completed", 0) == 2
+
+
+@pytest.mark.parametrize("outcome", ["complete", "fail"])
+async def test_lost_reply_on_an_ack_retried_records_one_outcome_and_no_stale_ack(
+    outcome: str,
+    proxy: Proxy,
+    fault_workers: FaultWorkers,
+    producer: qflow.Queue,
+    direct: redis.Redis,
+) -> None:
+    """The reply to a worker's complete (or fail) is lost after Redis recorded it: the worker's retry finds
+    its own outcome already recorded and takes it as done. Not a stale ack (neither Redis nor the worker
+    counts one; no "rejected" or "could not record" in the worker's log); the job ran once and ended
+    completed (or failed, as timed out) once."""
+    # Socket timeout 1 s, lease 4 s: the retry goes out on a new connection well within the lease.
+    env = {ledger_app.ENV_LEASE: "4.0", ledger_app.ENV_SOCKET_TIMEOUT: "1.0"}
+    a = await fault_workers.start(concurrency=1, url=proxy.url, env=env)
+    work = ledger_app.Work(seconds=1.0 if outcome == "complete" else 30.0)
+    # fail: the handler outlives its 1 s timeout, and one attempt is all it has.
+    options = {} if outcome == "complete" else {"timeout": 1.0, "attempts": 1}
+    # A first job of the same kind, so the server has the ack's script: a NOSCRIPT reply lost like the
+    # others would leave the script unrun (the EVAL fallback needs that reply).
+    warm = ledger_app.Work(seconds=0.0) if outcome == "complete" else work
+    await producer.add(ledger_app.PROCESSOR, warm, job_id="warm-up", **options)
+    warmed, _ = await settle(direct, producer, ["warm-up"], timeout=10, details=fault_workers.logs)
+    # The reply to the next call of the ack's script is lost (that connection goes deaf); nothing else is.
+    proxy.deafen_after(scripts.SCRIPTS[outcome].sha.encode())
+    await producer.add(ledger_app.PROCESSOR, work, job_id="acked", **options)
+    await poll(
+        lambda: direct.hget(producer.keys.state, "acked") in (b"completed", b"failed"),
+        timeout=15,
+        what="Redis to record the outcome",
+    )
+    dropped = proxy.dropped
+    # A graceful stop waits for the outcome in flight (the retry included), so once A exited, it is final.
+    a.send(signal.SIGTERM)
+    assert await a.wait_exit(timeout=15) == 0
+    snap = snapshot(direct, producer.keys)
+    led = fault_workers.ledger()
+    c = check(snap, ["acked"], unhealthy=[] if outcome == "complete" else ["acked"])
+    complaints = [
+        e.msg
+        for e in led.events("log", pid=a.pid)
+        if "rejected" in (e.msg or "") or "could not record" in (e.msg or "")
+    ]
+    Figures(
+        f"network_lost_{outcome}_reply",
+        jobs=1,
+        lost=c.lost,
+        dup=ledger_figures(led, ["acked"])["dup"],
+        dup_bound=0,
+        healthy_failed=c.healthy_failed,
+        dropped_bytes=dropped,
+        stale_acks=snap.stats.get("stale_acks", 0),
+        worker_complaints=len(complaints),
+    ).emit()
+
+    assert len(proxy.deafened) == 1, "the ack's reply was lost"
+    assert dropped > 0
+    assert_clean(c)
+    assert len(led.events("start", job="acked")) == 1
+    if outcome == "complete":
+        assert snap.state["acked"] == "completed"
+        assert result_pid(snap.results["acked"]) == a.pid
+    else:
+        assert snap.state["acked"] == "failed"
+        assert snap.failure_kind("acked") == "timeout"
+    recorded = snap.stats.get(snap.state["acked"], 0) - warmed.stats.get(snap.state["acked"], 0)
+    assert recorded == 1, "one outcome recorded"
+    assert snap.stats.get("stale_acks", 0) == 0, "the retry of a recorded outcome was counted as stale"
+    assert complaints == [], "the worker took its own recorded outcome for a rejected one"
 
 
 @pytest.mark.slow  # ~11 s: every start-up round trip costs 400 ms
