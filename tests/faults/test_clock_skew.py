@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,9 @@ async def test_delayed_jobs_run_on_time_whatever_the_client_clocks(
     """A producer 5 minutes ahead (or behind) adds jobs delayed 1.5 s; workers 5 minutes behind and ahead run
     them 1.5 s after the add (server clock), not 5 minutes early or late; no lease lapses."""
     a = await fault_workers.start(concurrency=4, env=skewed_env(-producer_skew))
+    a_up = time.time()
     b = await fault_workers.start(concurrency=4, env=skewed_env(producer_skew))
+    b_up = time.time()
     env = {
         **os.environ,
         ledger_app.ENV_URL: server.url,
@@ -78,7 +81,6 @@ async def test_delayed_jobs_run_on_time_whatever_the_client_clocks(
         **skewed_env(producer_skew),
     }
     n = 12
-    before = time.time()
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "tests.faults.skew_producer", str(n), str(DELAY)],
@@ -100,25 +102,42 @@ async def test_delayed_jobs_run_on_time_whatever_the_client_clocks(
         lateness[job_id] = start.t - (t_add + DELAY)
     c = check(snap, list(added))
     producer_offset = report["time"] - time.time()
+    # Each worker's wall clock, read off its first log line (logging stamps records with time.time()),
+    # against this process's when the worker was ready: a second or so after that line.
+    worker_offsets = {"a": log_clock(a.log()) - a_up, "b": log_clock(b.log()) - b_up}
+    secs, micros = direct.time()
+    our_offset = time.time() - (secs + micros / 1e6)
     Figures(
         f"clock_skew_{'ahead' if producer_skew > 0 else 'behind'}",
         jobs=n,
         lost=c.lost,
+        healthy_failed=c.healthy_failed,
         dup=sum(len(led.events("start", job=i)) > 1 for i in added),
         dup_bound=0,
         skew_s=producer_skew,
         skew_via="libfaketime" if LIBFAKETIME else "sitecustomize",
         producer_clock_offset_s=round(producer_offset, 1),
+        worker_clock_offsets_s={k: round(v, 1) for k, v in worker_offsets.items()},
         lateness_min_s=round(min(lateness.values()), 3),
         lateness_max_s=round(max(lateness.values()), 3),
         ran_on={"a": len(led.events("start", pid=a.pid)), "b": len(led.events("start", pid=b.pid))},
         stalled=snap.stats.get("stalled", 0),
     ).emit()
 
+    # The clocks under test: the test's own agrees with the server's (the one qflow uses), so the offsets
+    # below are against the server; the producer's and both workers' really were off by the skew.
+    assert abs(our_offset) < 1.0, "the test process's clock is the server's"
     assert abs(producer_offset - producer_skew) < 10, "the producer's wall clock really was skewed"
     assert abs(report["datetime"] - report["time"]) < 5, "datetime.now skewed alike"
-    assert before < time.time()
+    assert abs(worker_offsets["a"] + producer_skew) < 10, "worker A's wall clock really was skewed"
+    assert abs(worker_offsets["b"] - producer_skew) < 10, "worker B's wall clock really was skewed"
     assert_clean(c)
     assert min(lateness.values()) > -0.05, "no job ran before its delay (server clock)"
     assert max(lateness.values()) < 1.0, "every job ran within a second of its due time"
     assert snap.stats.get("stalled", 0) == 0
+
+
+def log_clock(log: str) -> float:
+    """The wall-clock time (Unix seconds) of a worker's first log line, as its process saw it."""
+    stamp = datetime.strptime(log.splitlines()[0][:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
