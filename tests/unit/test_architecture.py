@@ -168,6 +168,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qflow._options",
             "qflow._codec",
             "qflow._embedded",
+            "qflow._cron",
         ),
     ),
     ("broker", ("qflow._broker",)),
