@@ -737,11 +737,12 @@ class Finished:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.stop(last_reading=exc_type is None)
 
-    def stop(self) -> None:
-        """Stop the thread after one last reading (which must succeed: the server is up by then)."""
+    def stop(self, *, last_reading: bool = True) -> None:
+        """Stop the thread, after one last reading (which must succeed: the server is up by then) unless the
+        test is failing already (then the server may be down, and the test's own error is the one to see)."""
         if self._thread is None:
             return
         self._stop.set()
@@ -749,7 +750,8 @@ class Finished:
         self._thread = None
         assert self._client is not None
         try:
-            self.read()
+            if last_reading:
+                self.read()
         finally:
             self._client.close()
 
