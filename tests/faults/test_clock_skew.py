@@ -16,6 +16,7 @@ import asyncio
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ async def test_delayed_jobs_run_on_time_whatever_the_client_clocks(
 
 
 def log_clock(log: str) -> float:
-    """The wall-clock time (Unix seconds) of a worker's first log line, as its process saw it."""
-    stamp = datetime.strptime(log.splitlines()[0][:23], "%Y-%m-%d %H:%M:%S,%f")
-    return stamp.timestamp()
+    """The wall-clock time (Unix seconds) of a worker's first log record, as its process saw it."""
+    stamp = re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", log, re.MULTILINE)
+    assert stamp is not None, f"no log record in {log[:500]!r}"
+    return datetime.strptime(stamp.group(), "%Y-%m-%d %H:%M:%S,%f").timestamp()
