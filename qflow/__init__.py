@@ -12,6 +12,7 @@ from ._options import JobOptions as JobOptions
 from ._processor import Processor as Processor
 from ._queue import JobSpec as JobSpec
 from ._queue import Queue as Queue
+from ._schedule import Schedule as Schedule
 from ._settings import RetentionSettings as RetentionSettings
 from ._settings import WorkerSettings as WorkerSettings
 from ._state import Backoff as Backoff
@@ -61,6 +62,7 @@ __all__ = (
     "RetentionSettings",
     "Retry",
     "RetryReport",
+    "Schedule",
     "SchemaMismatch",
     "State",
     "UnknownJobName",

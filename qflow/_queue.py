@@ -21,6 +21,7 @@ from ._broker.keys import QueueKeys
 from ._job import Job
 from ._options import JobOptions, job_options
 from ._processor import Processor
+from ._schedule import Declared, ScheduleMethods
 from ._settings import MAX_SECONDS, check_number
 from ._state import Backoff
 from .exceptions import BrokerError, BrokerUnavailable, ConfigurationError, PayloadError, UnknownJobName
@@ -57,8 +58,11 @@ class JobSpec(msgspec.Struct, frozen=True):
     options: JobOptions | None = None
 
 
-class Queue:
-    """A named queue. ``add`` enqueues from any process; ``@queue.processor`` declares a consumer."""
+class Queue(ScheduleMethods):
+    """A named queue. ``add`` enqueues from any process; ``@queue.processor`` declares a consumer.
+
+    Repeatable jobs: ``@queue.cron(...)``, ``schedule``, ``unschedule``, ``schedules`` (``qflow._schedule``).
+    """
 
     def __init__(self, app: App, name: str, *, retention: RetentionSettings) -> None:
         self.app = app
@@ -66,6 +70,7 @@ class Queue:
         self.retention = retention
         self.keys = QueueKeys(app.prefix, name)
         self.processors: dict[str, Processor[Any, Any]] = {}
+        self._declared: dict[str, Declared] = {}
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AddBatcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -183,6 +188,11 @@ class Queue:
         run_at_ms = 0 if spec.run_at is None else _run_at_ms(spec.run_at)
         envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
         return Job(self, job_id, spec.name, payload), scripts.NewJob(raw_id, envelope, delay_ms, run_at_ms)
+
+    def _envelope(self, name: str, payload: Any, options: JobOptions | None) -> bytes:
+        """The stored envelope of a job ``add`` would create (checked as ``add`` checks it; no id, no I/O)."""
+        envelope = self._prepare(JobSpec(name, payload, options=options))[1].envelope
+        return envelope if isinstance(envelope, bytes) else envelope.encode()
 
     async def add(
         self,

@@ -182,6 +182,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qflow._inspect",
             "qflow._admin",
             "qflow._fleet",
+            "qflow._schedule",
         ),
     ),
     ("worker", ("qflow._worker",)),
