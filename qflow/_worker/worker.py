@@ -43,6 +43,7 @@ from .drain import cancel_unfinished, drain
 from .fetch import Fetcher
 from .lanes import Lanes
 from .leases import Leases
+from .scheduler import Scheduler, declarations
 from .shared import Shared
 
 if TYPE_CHECKING:
@@ -115,6 +116,9 @@ class Worker:
         self._lanes = Lanes(shared, self._acker)
         self._fetcher = Fetcher(shared, self._lanes)
         self._leases = Leases(shared)
+        # Repeatable jobs (issue 14): each worker process fires the schedules of its queues; a bad
+        # @queue.cron declaration fails the start here. A burst worker drains and exits: it fires nothing.
+        self.scheduler = None if burst else Scheduler(shared, selected, declarations(selected))
 
     # -- counters ----------------------------------------------------------------------------------------
 
@@ -219,6 +223,8 @@ class Worker:
         background: list[asyncio.Task[None]] = []
         try:
             background.append(asyncio.create_task(self._leases.renew_loop(), name="qflow-renew"))
+            if self.scheduler is not None:
+                background.append(asyncio.create_task(self.scheduler.run(), name="qflow-scheduler"))
             background += [
                 asyncio.create_task(as_coro(companion(self)), name=f"qflow-companion-{i}")
                 for i, companion in enumerate(self.companions)
