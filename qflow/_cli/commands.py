@@ -1,4 +1,5 @@
-"""The read-outs of ``qflow``: status (worker processes), info (per-queue counts), jobs list|show|retry|purge.
+"""The read-outs of ``qflow``: status (worker processes), info (per-queue counts), jobs list|show|retry|purge,
+schedules (repeatable jobs).
 
 Each loads the app, or without ``module:app`` reads the fleet and the queues straight from Redis (``--url``,
 ``QFLOW_REDIS_URL``, ``REDIS_URL``, else the project's embedded server if it runs), prints a table or
@@ -20,7 +21,7 @@ import msgspec
 from .exitcodes import ExitCode
 from .output import ago, err, fail, indent, out, print_json, table, when
 
-__all__ = ("cmd_info", "cmd_jobs", "cmd_status")
+__all__ = ("cmd_info", "cmd_jobs", "cmd_schedules", "cmd_status")
 
 
 def _one_shot(args: argparse.Namespace, body: Callable[[Any], Any]) -> ExitCode:
@@ -331,3 +332,48 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
 
     verbs: dict[str, Callable[[Any], Any]] = {"list": listing, "show": show, "retry": retry, "purge": purge}
     return _one_shot(args, verbs[args.verb])
+
+
+def cmd_schedules(args: argparse.Namespace) -> ExitCode:
+    """``qflow schedules``: every repeatable job of the queues, with its next run (server clock)."""
+    from .._inspect import server_time
+    from .._schedule import list_schedules
+
+    async def body(app: Any) -> ExitCode:
+        found = [
+            s
+            for q in await _queues_of(args, app, args.queues)
+            for s in await list_schedules(q, payloads=args.payloads)
+        ]
+        if args.json:
+            print_json(found)
+            return ExitCode.OK
+        if not found:
+            out(f"no schedule {_where(args, app)}")
+            return ExitCode.OK
+        now = await server_time(app)
+        rows = []
+        for s in found:
+            if s.next_run is None:
+                next_run = "- (no more ticks)"
+            else:
+                late = now - s.next_run
+                due = f" (due {ago(late)} ago)" if late > 0 else f" (in {ago(-late)})"
+                next_run = when(s.next_run) + due
+            misfire = s.misfire if s.misfire == "run_once" else f"skip (grace {s.misfire_grace:g}s)"
+            last = when(s.last_tick)
+            row = [s.queue, s.id, s.name, s.describe(), next_run, last, s.fired, s.missed, misfire]
+            if args.payloads:
+                row.append(msgspec.json.encode(s.payload, enc_hook=repr).decode())
+            rows.append(tuple(row))
+        heads = ["QUEUE", "ID", "JOB", "SPEC", "NEXT RUN", "LAST TICK", "FIRED", "MISSED", "MISFIRE"]
+        if args.payloads:
+            heads.append("PAYLOAD")
+        out(table(heads, rows, right=(6, 7)))
+        out(
+            "\nTimes are local, read from the Redis server's clock. FIRED: jobs created; MISSED: ticks that "
+            "got no job\n(due while no worker process ran the queue, or dropped by misfire=skip)"
+        )
+        return ExitCode.OK
+
+    return _one_shot(args, body)

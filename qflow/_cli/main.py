@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         configure_logging(
             args.log_level, "supervisor" if args.command == "worker" and not args.in_process else "qflow"
         )
-    from .commands import cmd_info, cmd_jobs, cmd_status
+    from .commands import cmd_info, cmd_jobs, cmd_schedules, cmd_status
     from .scale import cmd_scale
     from .server import cmd_server
 
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         "status": cmd_status,
         "info": cmd_info,
         "jobs": cmd_jobs,
+        "schedules": cmd_schedules,
         "scale": cmd_scale,
         "server": cmd_server,
     }

@@ -304,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--queue", dest="queues", action="extend", nargs="+", metavar="QUEUE", help="only these queues"
     )
 
+    sch = sub.add_parser(
+        "schedules",
+        parents=[maybe_target, reader, as_json, common],
+        help="repeatable jobs (cron, intervals): spec, next run, last tick, misfire policy",
+    )
+    sch.add_argument(
+        "-q", "--queue", dest="queues", action="extend", nargs="+", metavar="QUEUE", help="only these queues"
+    )
+    sch.add_argument("--payloads", action="store_true", help="show each schedule's job payload too")
+
     j = sub.add_parser(
         "jobs", parents=[jobs_target, reader, common], help="list, inspect, retry or purge jobs"
     )
@@ -387,7 +397,7 @@ def parse_args(
         sub.error("--in-process runs one worker: drop -p/-w or --in-process")
     if args.command == "jobs" and args.verb == "retry" and bool(args.job_ids) == bool(args.all_failed):
         sub.error("jobs retry: give job ids or --all-failed (not both)")
-    if args.command in ("status", "info", "jobs") and args.target and (args.url or args.prefix):
+    if args.command in ("status", "info", "jobs", "schedules") and args.target and (args.url or args.prefix):
         sub.error("--url and --prefix are for use without module:app (the app names its server and prefix)")
     return args
 
