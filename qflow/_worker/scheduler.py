@@ -36,7 +36,7 @@ from .._broker.keys import ScheduleKeys
 from .._broker.scripts_schedule import Outcome
 from .._cron import Ticks, due
 from .._schedule import Prepared, ScheduleSpec, decode_spec, job_id, upsert
-from ..exceptions import BrokerError, ConfigurationError, PayloadError, QflowError
+from ..exceptions import BrokerAuthError, BrokerError, ConfigurationError, PayloadError, QflowError
 from .aio import cancel_until_done
 
 if TYPE_CHECKING:
@@ -113,14 +113,17 @@ class Scheduler:
         while not shared.stopping:
             try:
                 await self._upsert_declared()
-                after = await scripts_schedule.last_event(client, events)
                 break
             except QflowError as exc:
-                self._warn("start", "scheduler could not start (%s); retrying", exc)
+                self._warn("start", "scheduler could not upsert the declared schedules (%s); retrying", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         else:
             return
+        try:
+            after = await scripts_schedule.last_event(client, events)
+        except BrokerError:
+            after = b"0-0"  # the watcher reads what the stream holds: one needless re-read at most
         watcher = asyncio.create_task(self._watch(events, after), name="qflow-schedule-events")
         try:
             await self._loop()
@@ -156,6 +159,8 @@ class Scheduler:
                 dirty = await self._fire_due()
                 backoff = 0.1
             except QflowError as exc:
+                if shared.stopping:
+                    return
                 self._warn(type(exc).__name__, "scheduler round failed (%s); retrying", exc)
             except Exception:
                 # Like recovery, the scheduler must outlive any single bad round.
@@ -170,14 +175,28 @@ class Scheduler:
         """Block on the schedule event stream; on a new entry, wake the loop (it re-reads the schedules)."""
         client = self.shared.redis()
         block = min(0.8 * self.shared.app.socket_timeout, 30.0)
+        pause = 1.0
         while True:
             try:
                 newest = await scripts_schedule.wait_event(client, events, after, block)
+            except BrokerAuthError as exc:
+                log.warning(
+                    "schedule changes made elsewhere reach this worker within %.0fs only (its periodic "
+                    "re-read): reading %s was refused (%s); grant the worker's user read access to it",
+                    RELOAD_EVERY,
+                    events,
+                    exc,
+                )
+                return
             except BrokerError as exc:
-                self._warn("watch", "waiting for schedule changes failed (%s); retrying in 1s", exc)
-                await asyncio.sleep(1.0)
+                if self.shared.stopping:
+                    return  # the worker is stopping: its connections go (a cancellation can surface so)
+                self._warn("watch", "waiting for schedule changes failed (%s); retrying", exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
                 self.changed.set()  # the loop re-reads: a change may have gone unseen meanwhile
                 continue
+            pause = 1.0
             if newest is not None:
                 after = newest
                 self.changed.set()
