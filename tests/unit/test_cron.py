@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -365,3 +366,19 @@ def test_intervals_reject_a_non_positive_step() -> None:
     with pytest.raises(qflow.ConfigurationError):
         Interval(0)
     assert Interval(1).after(timedelta(seconds=1) // timedelta(milliseconds=1)) == 1001
+
+
+def test_the_python_blocks_of_the_scheduling_page_run() -> None:
+    """docs/scheduling.md's examples declare what they say (no server: declaring does no I/O)."""
+    from tests.docs.markdown_blocks import blocks
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "scheduling.md"
+    namespace: dict[str, object] = {}
+    code = [b for b in blocks(page) if b.lang == "python"]
+    assert code
+    for block in code:
+        exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)
+    reports = namespace["reports"]
+    assert isinstance(reports, qflow.Queue)
+    assert sorted(reports.declared_schedules) == ["send_report", "sweep"]
+    assert reports.declared_schedules["sweep"].misfire == "skip"
