@@ -100,12 +100,6 @@ class ScheduleSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_
         """What ``fire`` takes: -1 for ``run_once`` (however late), else the grace in ms."""
         return -1 if self.misfire == "run_once" else self.grace_ms
 
-    def describe(self) -> str:
-        """``cron */5 * * * * (Europe/Berlin)`` or ``every 60s``."""
-        if self.cron is not None:
-            return f"cron {self.cron}" + ("" if self.tz == "UTC" else f" ({self.tz})")
-        return f"every {(self.every_ms or 0) / 1000:g}s"
-
 
 _spec_encoder: Final = msgspec.msgpack.Encoder()
 _spec_decoder: Final = msgspec.msgpack.Decoder(ScheduleSpec)

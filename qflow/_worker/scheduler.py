@@ -36,7 +36,14 @@ from .._broker.keys import ScheduleKeys
 from .._broker.scripts_schedule import Outcome
 from .._cron import Ticks, due
 from .._schedule import Prepared, ScheduleSpec, decode_spec, job_id, upsert
-from ..exceptions import BrokerAuthError, BrokerError, ConfigurationError, PayloadError, QflowError
+from ..exceptions import (
+    BrokerAuthError,
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    PayloadError,
+    QflowError,
+)
 from .aio import cancel_until_done
 
 if TYPE_CHECKING:
@@ -247,6 +254,7 @@ class Scheduler:
         re-read (one changed under us)."""
         client = self.shared.redis()
         dirty = False
+        failed: QflowError | None = None
         for key, e in list(self.entries.items()):
             if e.cursor is None or self.shared.stopping:
                 continue
@@ -255,31 +263,39 @@ class Scheduler:
             if d is None:
                 continue
             sent = time.monotonic()
-            res = await scripts_schedule.fire(
-                client,
-                e.queue.keys,
-                e.id,
-                version=e.version,
-                cursor=e.cursor,
-                tick=d.tick,
-                next_tick=d.next,
-                skipped=d.skipped,
-                grace_ms=e.spec.grace,
-                job_id=job_id(e.id, d.tick),
-            )
+            try:
+                res = await scripts_schedule.fire(
+                    client,
+                    e.queue.keys,
+                    e.id,
+                    version=e.version,
+                    cursor=e.cursor,
+                    tick=d.tick,
+                    next_tick=d.next,
+                    skipped=d.skipped,
+                    grace_ms=e.spec.grace,
+                    job_id=job_id(e.id, d.tick),
+                )
+            except BrokerUnavailable:
+                raise  # the server or the connection: the same for every schedule
+            except QflowError as exc:
+                # The other schedules still fire this round; the loop then backs off and reads again.
+                failed = failed or exc
+                continue
             if res.outcome is Outcome.FIRED:
                 self._measured(res.now, sent, time.monotonic())
                 e.cursor = d.next
                 self.fired += res.created
                 if d.skipped or not res.created:
+                    lost = f"{'at least ' if d.capped else ''}{d.skipped} missed tick(s) before it got none"
                     log.warning(
-                        "schedule %s of %s: %s%d missed tick(s) before %d got no job%s",
+                        "schedule %s of %s fired tick %d late (misfire=%s): %s; %s",
                         e.id,
                         e.queue.name,
-                        "at least " if d.capped else "",
-                        d.skipped,
                         d.tick,
-                        "" if res.created else f"; tick {d.tick} dropped too (misfire={e.spec.misfire})",
+                        e.spec.misfire,
+                        "its job was created" if res.created else "no job for it either",
+                        lost,
                     )
             elif res.outcome is Outcome.EARLY:
                 # The server has not reached the tick: our clock estimate was ahead. Correct it and wait.
@@ -290,6 +306,8 @@ class Scheduler:
                 dirty = True  # changed: read it again
             else:
                 e.cursor = res.cursor  # another process fired this tick first
+        if failed is not None:
+            raise failed
         return dirty
 
     def _warn(self, kind: str, message: str, exc: BaseException) -> None:
