@@ -143,7 +143,7 @@ class Schedule(msgspec.Struct, frozen=True, kw_only=True):
     missed: int = 0
     """Ticks that got no job (came due while nothing fired them, or dropped under ``skip``)."""
     version: int = 0
-    """Bumped by every change of the spec or payload."""
+    """A new number at every change of the spec or payload (from a counter of the queue, never reused)."""
     payload: Any = None
     """The payload of each tick's job, as plain data (only when read with payloads)."""
 
