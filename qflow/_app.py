@@ -188,20 +188,22 @@ class App:
         return waits
 
     def _worker_redis(self) -> aioredis.Redis:
-        """The worker's own client in the running event loop: claims, acks, lease renewals, recovery and the
-        fleet heartbeat, never handed to user code (a handler's adds and result waits use the other pools).
+        """The worker's own client in the running event loop: claims, acks, lease renewals, recovery, the
+        fleet heartbeat and the scheduler, never handed to user code (a handler's adds and result waits use
+        the other pools).
 
-        Sized for the worker's long holders (one blocking fetch wait per queue) plus the short calls, which
-        wait their turn for a moment rather than fail: ``2 x queues + 8`` connections.
+        Sized for the worker's long holders (one blocking fetch wait per queue, the scheduler's blocking
+        read) plus the short calls, which wait their turn for a moment rather than fail: ``2 x queues + 9``
+        connections.
         """
         loop = asyncio.get_running_loop()
         client = self._worker_clients.get(loop)
         if client is None:
             self._forget_closed_loops()
-            size = 2 * sum(1 for q in self._queues.values() if q.processors) + 8
+            size = 2 * sum(1 for q in self._queues.values() if q.processors) + 9
             client = self._client(
                 "all {n} connections of the worker's own Redis pool (claims, acks, lease renewals, recovery: "
-                "2 per queue + 8) stayed busy for {timeout:g}s: Redis answers too slowly",
+                "2 per queue + 9) stayed busy for {timeout:g}s: Redis answers too slowly",
                 size,
             )
             self._worker_clients[loop] = client
