@@ -11,7 +11,17 @@ if TYPE_CHECKING:
 
     from .keys import QueueKeys
 
-__all__ = ("COUNTED_STATES", "blmove", "command", "count_states", "server_ms", "unblock", "wait_for_push")
+__all__ = (
+    "COUNTED_STATES",
+    "blmove",
+    "bzpopmin",
+    "command",
+    "count_states",
+    "server_ms",
+    "unblock",
+    "wait_for_push",
+    "wait_for_wakeup",
+)
 
 COUNTED_STATES = ("waiting", "active", "delayed", "completed", "failed")
 """The states ``count_states`` counts, in the order it queues their commands."""
@@ -34,6 +44,12 @@ def blmove(key: str | bytes, timeout: float) -> tuple[Any, ...]:
     return ("BLMOVE", key, key, "RIGHT", "RIGHT", f"{max(timeout, 0.001):.3f}")
 
 
+def bzpopmin(key: str | bytes, timeout: float) -> tuple[Any, ...]:
+    """``BZPOPMIN key timeout``: wait until the sorted set has a member, and take the lowest (one waiter per
+    member: a wake-up wakes one idle fetcher). At least 1 ms, as for ``blmove``."""
+    return ("BZPOPMIN", key, f"{max(timeout, 0.001):.3f}")
+
+
 def count_states(pipe: Any, keys: QueueKeys) -> None:
     """Queue on ``pipe`` one count per state of ``COUNTED_STATES`` (LLEN or ZCARD), in that order."""
     pipe.llen(keys.wait)
@@ -51,6 +67,16 @@ async def wait_for_push(client: aioredis.Redis, key: str | bytes, timeout: float
     """
     with translated("a blocking wait"):
         await command(client, *blmove(key, timeout))
+
+
+async def wait_for_wakeup(client: aioredis.Redis, marker: str | bytes, timeout: float) -> None:
+    """Block on the server until a wake-up on ``marker`` (taken: see ``bzpopmin``), or ``timeout`` seconds.
+
+    ``timeout`` must be shorter than the socket timeout. Raises ``BrokerUnavailable``; a ``marker`` of the
+    wrong type answers at once with an error reply.
+    """
+    with translated("a blocking wait"):
+        await command(client, *bzpopmin(marker, timeout))
 
 
 async def unblock(client: aioredis.Redis, client_id: int) -> None:

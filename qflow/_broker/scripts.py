@@ -3,9 +3,9 @@ and the shape of its reply.
 
 Each script file starts with its KEYS / ARGV / returns contract; ``KEYS`` below gives the keys of each script
 in that order (tests/unit/test_broker.py holds the two together). Loading and calling a script by its SHA,
-with the one NOSCRIPT fallback, is ``evalsha.Script``'s job. The scripts off the hot path (recovery, result
-waits, an operator's retries) live in ``scripts_admin``; their functions are re-exported here, so callers
-import one module.
+with the one NOSCRIPT fallback, is ``evalsha.Script``'s job. The claim and the idle fetcher's blocking wait
+on the queue's wake-ups live in ``claims``; the scripts off the hot path (recovery, result waits, an
+operator's retries) in ``scripts_admin``. Their functions are re-exported here, so callers import one module.
 
 The hot path (claim, complete) does no work per job beyond reading the arguments and the reply; ids, tokens
 and envelopes travel as the exact bytes Redis returned.
@@ -13,16 +13,25 @@ and envelopes travel as the exact bytes Redis returned.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..exceptions import BrokerUnavailable, QflowError
 from . import evalsha
-from .commands import blmove
-from .errors import UNAVAILABLE, ErrorReply, NoScript, OutOfMemory, translate, translated
+from .claims import KEYS as CLAIM_KEYS
+from .claims import SCRIPTS as CLAIM_SCRIPTS
+from .claims import (
+    Claimed,
+    ClaimReply,
+    Parked,
+    claim,
+    parse_claim,
+    unpack_claimed,
+    wait_parked,
+    wait_then_claim,
+)
+from .errors import translated
 from .evalsha import Script, load_source
 from .keys import SCHEMA_VERSION, QueueKeys
 from .scripts_admin import KEYS as ADMIN_KEYS
@@ -71,6 +80,7 @@ __all__ = (
     "retry_failed",
     "retry_oldest_failed",
     "unpack_claimed",
+    "wait_parked",
     "wait_then_claim",
     "watch",
 )
@@ -87,11 +97,8 @@ Delivery = tuple[JobId, Token]
 # complete and fail also take the notify list of each job after these (KEYS[12..]).
 
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
-    "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta),
-    "claim": lambda k: (
-        k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq,
-        k.failed, k.errors, k.stats, k.waiters,
-    ),
+    "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta, k.marker, k.timer),
+    **CLAIM_KEYS,
     "complete": lambda k: (
         k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
         k.waiters, k.stats,
@@ -100,8 +107,10 @@ KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
         k.active, k.tokens, k.state, k.errors, k.failed, k.jobs, k.attempts, k.stalls, k.results,
         k.waiters, k.stats,
     ),
-    "retry": lambda k: (k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats),
-    "release": lambda k: (k.active, k.tokens, k.state, k.wait, k.stats),
+    "retry": lambda k: (
+        k.active, k.tokens, k.state, k.wait, k.delayed, k.attempts, k.errors, k.stats, k.marker, k.timer,
+    ),
+    "release": lambda k: (k.active, k.tokens, k.state, k.wait, k.stats, k.marker),
     "renew": lambda k: (k.active, k.tokens),
     **ADMIN_KEYS,
 }  # fmt: skip
@@ -110,14 +119,15 @@ KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
 SCRIPT_NAMES = tuple(KEYS)
 
 
+_ELSEWHERE = (*ADMIN_SCRIPTS, *CLAIM_SCRIPTS)
 SCRIPTS = {
-    **{name: Script(name, keys) for name, keys in KEYS.items() if name not in ADMIN_SCRIPTS},
+    **{name: Script(name, keys) for name, keys in KEYS.items() if name not in _ELSEWHERE},
+    **CLAIM_SCRIPTS,
     **ADMIN_SCRIPTS,
 }
 """Script name -> its ``Script``."""
 
 _ADD = SCRIPTS["add"]
-_CLAIM = SCRIPTS["claim"]
 _COMPLETE = SCRIPTS["complete"]
 _FAIL = SCRIPTS["fail"]
 _RETRY = SCRIPTS["retry"]
@@ -158,168 +168,6 @@ async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -
         argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms)
     reply = await _ADD(client, _ADD.keys(keys), argv)
     return [created == 1 for created in reply]
-
-
-# -- claim ---------------------------------------------------------------------------------------------------
-
-
-class Claimed(msgspec.Struct, gc=False):
-    """One job a claim leased: raw id, fencing token, raw envelope, attempts spent, times recovered."""
-
-    id: bytes
-    token: bytes
-    envelope: bytes
-    attempts: int
-    stalls: int
-
-
-class ClaimReply(NamedTuple):
-    """What ``claim`` returns."""
-
-    next_due_ms: int
-    """Milliseconds until the next delayed job is due; -1 when none is delayed."""
-    waiting: int
-    """Jobs left waiting after this claim."""
-    jobs: list[Claimed]
-    """The jobs leased, in the order they were taken."""
-
-
-_CLAIM_HEAD = struct.Struct(">IIIII")
-
-
-def unpack_claimed(packed: bytes) -> list[Claimed]:
-    """Split claim.lua's packed jobs: per job a head (id, token and envelope lengths, attempts, stalls), then
-    the id, token and envelope bytes. One reply element per batch instead of five per job: the client's reply
-    parser was a third of a worker's CPU (issue #6)."""
-    unpack = _CLAIM_HEAD.unpack_from
-    size = _CLAIM_HEAD.size
-    jobs = []
-    pos = 0
-    end = len(packed)
-    while pos < end:
-        id_len, token_len, env_len, attempts, stalls = unpack(packed, pos)
-        a = pos + size
-        b = a + id_len
-        c = b + token_len
-        pos = c + env_len
-        jobs.append(Claimed(packed[a:b], packed[b:c], packed[c:pos], attempts, stalls))
-    if pos != end:
-        raise ValueError(f"claim reply ends inside a job ({end} bytes, the last job ends at {pos})")
-    return jobs
-
-
-def parse_claim(reply: Any) -> ClaimReply:
-    """The raw reply of ``lua/claim.lua``, typed."""
-    return ClaimReply(int(reply[0]), int(reply[1]), unpack_claimed(reply[2]))
-
-
-def _claim_args(
-    count: int, lease_ms: int, promote_limit: int, max_envelope: int | None, too_large: bytes
-) -> list[Any]:
-    if max_envelope is None:
-        return [count, lease_ms, promote_limit]
-    return [count, lease_ms, promote_limit, max_envelope, too_large]
-
-
-async def claim(
-    client: aioredis.Redis,
-    keys: QueueKeys,
-    *,
-    count: int,
-    lease_ms: int,
-    promote_limit: int = 1000,
-    max_envelope: int | None = None,
-    too_large: bytes = b"",
-) -> ClaimReply:
-    """Promote up to ``promote_limit`` due delayed jobs, then lease up to ``count`` waiting jobs for
-    ``lease_ms`` (``lua/claim.lua``). A job whose envelope is over ``max_envelope`` bytes fails instead, with
-    ``too_large`` (an encoded error) as its error."""
-    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large)
-    return parse_claim(await _CLAIM(client, _CLAIM.keys(keys), args))
-
-
-class Parked(NamedTuple):
-    """What became of a blocking wait with a claim behind it (``wait_then_claim``).
-
-    Errors are values: the caller logs them and carries on.
-    """
-
-    reply: ClaimReply | None
-    """The claim's reply; None when it was refused or its outcome is unknown (``claim_error``, ``failed``)."""
-    refused: Exception | None = None
-    """``CLIENT ID`` was refused (an ACL): nothing can end such a wait early, so wait, then claim instead."""
-    wait_error: Exception | None = None
-    """The wait ended at once with this error (``BrokerFull``: BLMOVE is a deny-oom write); the claim ran."""
-    claim_error: Exception | None = None
-    """The claim was refused (``BrokerFull``); nothing was claimed."""
-    failed: Exception | None = None
-    """The connection failed or answered out of turn: the connection was dropped; any job the claim took
-    comes back when its lease expires."""
-
-
-async def wait_then_claim(
-    client: aioredis.Redis,
-    keys: QueueKeys,
-    *,
-    timeout: float,
-    parked: Callable[[int], None],
-    count: int,
-    lease_ms: int,
-    promote_limit: int = 1000,
-    max_envelope: int | None = None,
-    too_large: bytes = b"",
-) -> Parked:
-    """Block until a push to ``keys.wait`` with a claim queued behind the wait, on one connection.
-
-    One write sends ``CLIENT ID``, ``BLMOVE wait wait`` (rotates, takes nothing) and the claim script; the
-    server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip instead of
-    two. ``parked(client_id)`` is called once the wait is on the server: ``commands.unblock(client_id)`` ends
-    it early (a stop). The claim takes the same arguments as ``claim``.
-    """
-    pool = client.connection_pool
-    claim_keys = _CLAIM.keys(keys)
-    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large)
-    conn = None
-    clean = False
-    out = Parked(None)
-    try:
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        sent = [("CLIENT", "ID"), blmove(keys.wait, timeout), _CLAIM.evalsha(claim_keys, args)]
-        await conn.send_packed_command(conn.pack_commands(sent))
-        try:
-            client_id = await conn.read_response()
-        except ErrorReply as exc:
-            out = out._replace(refused=exc)
-        else:
-            if not isinstance(client_id, int):
-                raise BrokerUnavailable(f"unexpected reply to CLIENT ID: {client_id!r}")
-            parked(client_id)
-        try:
-            # No explicit read timeout: redis-py answers None (and keeps the connection) when one expires,
-            # which would look like the wait's own nil. The wait is shorter than the socket timeout, so a
-            # socket timeout here means the server is gone (and disconnects).
-            await conn.read_response()
-        except ErrorReply as exc:
-            out = out._replace(wait_error=translate(exc, "a blocking wait"))
-        try:
-            reply: Any = await conn.read_response()
-        except NoScript as exc:
-            reply = exc  # nothing was claimed: settle claims now, sending the source
-        except OutOfMemory as exc:
-            out = out._replace(claim_error=translate(exc, _CLAIM.what))
-            reply = None
-        clean = True
-        if reply is not None:
-            out = out._replace(reply=parse_claim(await _CLAIM.settle(client, claim_keys, args, reply)))
-    except (*UNAVAILABLE, ErrorReply, QflowError) as exc:
-        out = Parked(None, out.refused, out.wait_error, failed=translate(exc, "a blocking wait and claim"))
-    finally:
-        if conn is not None:
-            if not clean:
-                # Replies may still be due on it: never hand a half-read connection back to the pool.
-                await conn.disconnect(nowait=True)
-            await pool.release(conn)
-    return out
 
 
 # -- acks ----------------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ __all__ = (
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "recover": lambda k: (
         k.active, k.tokens, k.state, k.wait, k.failed, k.errors, k.stalls, k.checker, k.stats, k.jobs,
-        k.results, k.attempts, k.waiters,
+        k.results, k.attempts, k.waiters, k.marker,
     ),
     "watch": lambda k: (k.state, k.results, k.errors, k.waiters),
     "retry_failed": lambda k: (
-        k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats, k.waiters,
+        k.failed, k.state, k.wait, k.jobs, k.attempts, k.stalls, k.errors, k.stats, k.waiters, k.marker,
     ),
 }  # fmt: skip
 """Script name -> the queue keys it takes as ``KEYS``, in order."""

@@ -1,16 +1,22 @@
 """Fetching: a fetcher per queue claims jobs in batches sized by free slots; idle, it waits on the server.
 
 The claim script moves ids from ``wait`` into ``active`` under this worker's lease, so a job id is never only
-in this process's memory. With nothing to claim, the fetcher blocks on the server (``BLMOVE wait wait``,
-which wakes on a push without taking the job), by default with a claim of one job queued behind the wait on
-the same connection, so an idle worker's pickup costs one round trip. Each claimed job goes to the lanes.
+in this process's memory. With nothing to claim, the fetcher blocks on the queue's wake-ups (``BZPOPMIN`` on
+``marker``: each wake-up wakes one idle fetcher, and carries no job), then claims; with ``claim_behind_wait``
+a one-job claim is queued behind the wait on the same connection, so an idle worker's pickup costs one round
+trip. Each claimed job goes to the lanes.
+
+Due times (issue 14): of all idle fetchers of a queue, the one whose last claim made it the queue's *timer
+holder* (``next_due_ms >= 0``) ends its wait at the earliest delayed job's due time with ``CLIENT UNBLOCK``
+(the server's own timeout is up to 100 ms late); the others wait ``block_timeout``. A delayed job that
+becomes the earliest wakes one idle fetcher, which takes the role; a holder whose slots fill up, or that
+stops, hands it on. See ``qflow._broker.claims`` and ``lua/_lib.lua``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from .. import _codec
@@ -22,6 +28,8 @@ from .deliveries import CancelReason, Delivery
 from .drain import release
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .deliveries import QueueRunner
     from .lanes import Lanes
     from .shared import Shared
@@ -37,27 +45,43 @@ def backoff_delay(failures: int) -> float:
 
 
 class Fetcher:
-    """The fetchers of one worker (``run`` per queue), and the blocking waits a stop must end."""
+    """The fetchers of one worker (``run`` per queue), and the blocking waits a stop or a due time ends."""
 
     def __init__(self, shared: Shared, lanes: Lanes) -> None:
         self.shared = shared
         self.lanes = lanes
-        self.claim_behind = True
-        """Queue a claim behind the idle wait (off for good once the server refuses ``CLIENT ID``)."""
-        self._parked: dict[QueueRunner, int] = {}  # fetchers blocked in _wait_then_claim: their client ids
+        self.unblockable = True
+        """Idle waits go out with their ``CLIENT ID``, so ``CLIENT UNBLOCK`` ends them (a stop, a due time);
+        off for good once the server refuses ``CLIENT ID`` (an ACL): waits are then cancelled instead, which
+        drops their connection, and no claim goes behind them."""
+        self._parked: dict[QueueRunner, int] = {}  # fetchers blocked on the server: their client ids
+        self._woken: set[QueueRunner] = set()  # fetchers whose wait must end as soon as it is parked
+        self._holding: set[QueueRunner] = set()  # fetchers whose last claim made them their queue's holder
         self._unblocks: set[asyncio.Task[Any]] = set()
+        self._probed = False
         app = shared.app
-        self._lease_ms = int(shared.settings.lease_ttl * 1000)
-        # The envelope adds the name and options to the payload: allow a margin over max_payload_bytes.
-        self._max_envelope = app.max_payload_bytes + 64 * 1024
-        self._too_large = _codec.encode_error(
+        settings = shared.settings
+        # The longest idle wait: it must end well inside the socket timeout, which detects a dead server.
+        self._max_wait = min(settings.block_timeout, app.socket_timeout * 0.8)
+        self._claim_kw: dict[str, Any] = {
+            "lease_ms": int(settings.lease_ttl * 1000),
+            # The envelope adds the name and options to the payload: allow a margin over max_payload_bytes.
+            "max_envelope": app.max_payload_bytes + 64 * 1024,
+            "hold_ms": max(1, int(self._max_wait * 1000)),
+        }
+        self._claim_kw["too_large"] = _codec.encode_error(
             _codec.ErrorInfo(
                 type="PayloadTooLarge",
-                message=f"stored job is over {self._max_envelope:,} bytes (max_payload_bytes "
+                message=f"stored job is over {self._claim_kw['max_envelope']:,} bytes (max_payload_bytes "
                 f"{app.max_payload_bytes:,} + 64 KiB of envelope); it was written around add()",
                 kind="payload",
             )
         )
+
+    def _kw(self, r: QueueRunner) -> dict[str, Any]:
+        """The claim's keywords for ``r``'s fetcher: its id is the worker's (unique: host, pid, random bits)
+        and the queue's name."""
+        return {**self._claim_kw, "fetcher": f"{self.shared.id}/{r.queue.name}"}
 
     async def run(self, r: QueueRunner) -> None:
         """Claim jobs of one queue and hand them to the lanes until the worker stops (or, burst, drains)."""
@@ -68,16 +92,18 @@ class Fetcher:
         client = shared.redis()
         k = r.keys
         gate = self.lanes.gate
-        lease_ms, max_envelope, too_large = self._lease_ms, self._max_envelope, self._too_large
+        kw = self._kw(r)
         budget = None if shared.max_jobs is None else shared.job_budget
         failures = 0
         behind: scripts.ClaimReply | None = None  # the reply of the claim behind the idle wait, delivered
+        await self._probe()
         while not stop.is_set():
             if behind is not None:
                 res, behind = behind, None
             else:
                 if gate.suspect is not None:
                     # A job recovered after a crash runs alone in this process: claim nothing till it is done.
+                    await self._hand_off(r)
                     await wait_first(gate.opened.wait(), stop.wait())
                     continue
                 n = await r.slots.take(settings.claim_batch, stop, budget, r.queued)
@@ -88,9 +114,7 @@ class Fetcher:
                     continue
                 gate.busy += 1
                 try:
-                    res = await scripts.claim(
-                        client, k, count=n, lease_ms=lease_ms, max_envelope=max_envelope, too_large=too_large
-                    )
+                    res = await scripts.claim(client, k, count=n, spare=r.slots.free(), **kw)
                 except Exception as exc:  # whatever a claim raises, the fetcher carries on
                     r.slots.give(n)
                     self._claim_ended()
@@ -98,33 +122,31 @@ class Fetcher:
                     await self._back_off(r, "claim", exc, failures)
                     continue
                 failures = 0
+                self._held(r, res)
                 await self._deliver(r, n, res.jobs)
             next_due_ms, waiting, jobs = res
-            if waiting:
+            if waiting or next_due_ms == 0:
                 continue
-            # Nothing left to claim: block until a push (an empty claim round trip first would be wasted).
+            # Nothing left to claim: block until a wake-up (an empty claim round trip first would be wasted).
             if shared.burst and not jobs and await self._drained(r):
                 break
-            timeout = settings.block_timeout
-            if next_due_ms >= 0:
-                timeout = min(timeout, next_due_ms / 1000)
-            if timeout <= 0:
-                continue
-            # The wait must end well inside the socket timeout, which is what detects a dead server.
-            timeout = min(timeout, shared.app.socket_timeout * 0.8)
-            if shared.burst or not (settings.claim_behind_wait and self.claim_behind):
-                await self._wait_for_work(r, timeout)
-                continue
-            # One job: an idle worker that freezes or loses its network while parked holds at most that one
-            # (until its lease expires); the claims that follow take the rest in batches.
+            due_in = None if next_due_ms < 0 else next_due_ms / 1000
+            # A free slot first, waited for here and not on the server: a wake-up taken by a fetcher that
+            # cannot take a job would be lost to the idle ones (it is not handed on).
             n = await r.slots.take(1, stop, budget)
             if n == 0:
                 break
             if gate.suspect is not None:
                 r.slots.give(n)
                 continue
+            if shared.burst or not (settings.claim_behind_wait and self.unblockable):
+                r.slots.give(n)
+                await self._wait(r, due_in)
+                continue
+            # One job: an idle worker that freezes or loses its network while parked holds at most that one
+            # (until its lease expires); the claims that follow take the rest in batches.
             gate.busy += 1
-            behind, error = await self._wait_then_claim(r, timeout, n)
+            behind, error = await self._wait_then_claim(r, due_in, n, kw)
             if behind is None:
                 r.slots.give(n)
                 self._claim_ended()
@@ -135,6 +157,25 @@ class Fetcher:
                 await self._back_off(r, error[0], error[1], failures)
             elif behind is not None:
                 failures = 0
+        await self._hand_off(r)
+
+    def _held(self, r: QueueRunner, res: scripts.ClaimReply) -> None:
+        """Note whether ``r``'s fetcher holds its queue's timer after the claim that answered ``res``."""
+        if res.next_due_ms >= 0:
+            self._holding.add(r)
+        else:
+            self._holding.discard(r)
+
+    async def _hand_off(self, r: QueueRunner) -> None:
+        """If ``r``'s fetcher holds its queue's timer, hand it on before it stops waiting idle (a stop, a
+        suspect held): a claim of nothing that says no slot is free wakes another idle fetcher to take it."""
+        if r not in self._holding:
+            return
+        self._holding.discard(r)
+        try:
+            await scripts.claim(self.shared.redis(), r.keys, count=0, spare=0, **self._kw(r))
+        except Exception as exc:  # the role then passes on when it expires
+            log.warning("could not hand on the due-time timer of %s (%s)", r.queue.name, exc)
 
     async def _deliver(self, r: QueueRunner, n: int, jobs: list[scripts.Claimed]) -> None:
         """Hand the jobs of a claim that took ``n`` slots to the lanes; return the slots left unused.
@@ -208,26 +249,44 @@ class Fetcher:
         )
         await wait_first(stop.wait(), asyncio.sleep(delay))
 
-    async def _wait_for_work(self, r: QueueRunner, timeout: float) -> None:
-        """Block on the server until a job is pushed (``BLMOVE wait wait`` rotates, taking nothing)."""
+    async def _wait(self, r: QueueRunner, due_in: float | None) -> None:
+        """Block on the server until a wake-up, the due time ``due_in`` (seconds; the holder's) or a stop."""
         shared = self.shared
         stop = shared.stop
         assert stop is not None
-        blocking = commands.wait_for_push(shared.redis(), r.keys.wait, timeout)
-        waits: list[Awaitable[Any]] = [blocking, stop.wait()]
+        if self.unblockable:
+
+            def wait(parked: Callable[[int], None], timeout: float) -> Awaitable[scripts.Parked]:
+                return scripts.wait_parked(shared.redis(), r.keys, timeout=timeout, parked=parked)
+
+            out = await self._parked_call(r, due_in, wait)
+            if out.refused is not None:
+                self._refused(out.refused)
+            error = out.wait_error or out.failed
+            if error is not None:
+                log.warning("blocking wait on %s failed (%s)", r.queue.name, error)
+                await wait_first(stop.wait(), asyncio.sleep(0.2))
+            return
+        # CLIENT ID refused: nothing can end the wait early but cancelling it (which drops its connection).
+        waits: list[Awaitable[Any]] = [
+            commands.wait_for_wakeup(shared.redis(), r.keys.marker, self._max_wait),
+            stop.wait(),
+        ]
+        if due_in is not None and due_in < self._max_wait:
+            waits.append(asyncio.sleep(due_in))
         if shared.burst and r.in_flight:
             waits.append(r.idle.wait())
         try:
             await wait_first(*waits)
         except Exception as exc:  # a failed wait must not end the fetcher
-            # BrokerFull: OOM at maxmemory (BLMOVE is a deny-oom write); claims still work then.
             log.warning("blocking wait on %s failed (%s)", r.queue.name, exc)
-            await wait_first(stop.wait(), asyncio.sleep(min(timeout, 0.2)))
+            await wait_first(stop.wait(), asyncio.sleep(0.2))
 
     async def _wait_then_claim(
-        self, r: QueueRunner, timeout: float, n: int
+        self, r: QueueRunner, due_in: float | None, n: int, kw: dict[str, Any]
     ) -> tuple[scripts.ClaimReply | None, tuple[str, Exception] | None]:
-        """Block until a push with a claim of ``n`` queued behind the blocking call, on one connection.
+        """Block until a wake-up or the due time ``due_in``, with a claim of ``n`` queued behind the blocking
+        call, on one connection.
 
         The server runs the claim the moment the wait ends, so an idle worker's pickup costs one round trip
         instead of two (see ``scripts.wait_then_claim``). The claim is still the one script that moves ids
@@ -241,31 +300,17 @@ class Fetcher:
         stop = shared.stop
         assert stop is not None
 
-        def parked(client_id: int) -> None:
-            self._parked[r] = client_id
-            if stop.is_set() or self.lanes.gate.suspect is not None:
-                self.unpark()
+        def wait(parked: Callable[[int], None], timeout: float) -> Awaitable[scripts.Parked]:
+            return scripts.wait_then_claim(
+                shared.redis(), r.keys, timeout=timeout, parked=parked, count=n, spare=r.slots.free(), **kw
+            )
 
         try:
-            out = await scripts.wait_then_claim(
-                shared.redis(),
-                r.keys,
-                timeout=timeout,
-                parked=parked,
-                count=n,
-                lease_ms=self._lease_ms,
-                max_envelope=self._max_envelope,
-                too_large=self._too_large,
-            )
+            out = await self._parked_call(r, due_in, wait)
         except Exception as exc:  # a reply it could not read, say: never end the fetcher
             return None, ("blocking wait and claim", exc)
-        finally:
-            self._parked.pop(r, None)
         if out.refused is not None:
-            self.claim_behind = False
-            log.info(
-                "CLIENT ID refused (%s): an idle worker waits, then claims (two round trips)", out.refused
-            )
+            self._refused(out.refused)
         if out.wait_error is not None:
             log.warning("blocking wait on %s failed (%s)", r.queue.name, out.wait_error)
         if out.failed is not None:
@@ -273,31 +318,100 @@ class Fetcher:
         if out.claim_error is not None:
             return None, ("claim", out.claim_error)
         res = out.reply
-        if res is not None and stop.is_set():
-            claimed = [Delivery(job) for job in res.jobs]
-            for d in claimed:
-                d.cancel(CancelReason.RELEASE)
-            if claimed:
-                await release(shared, r, claimed)
-            return None, None
+        if res is not None:
+            self._held(r, res)
+            if stop.is_set():
+                claimed = [Delivery(job) for job in res.jobs]
+                for d in claimed:
+                    d.cancel(CancelReason.RELEASE)
+                if claimed:
+                    await release(shared, r, claimed)
+                return None, None
         return res, None
 
-    def unpark(self) -> None:
-        """End the server-side waits of fetchers blocked in ``_wait_then_claim`` (at a stop)."""
-        if not self._parked:
-            return
+    async def _parked_call(
+        self,
+        r: QueueRunner,
+        due_in: float | None,
+        call: Callable[[Callable[[int], None], float], Awaitable[scripts.Parked]],
+    ) -> scripts.Parked:
+        """Run ``call(parked, timeout)``, a blocking wait that reports its client id through ``parked``, and
+        end it with ``CLIENT UNBLOCK`` at the due time ``due_in`` (seconds, the holder's), at a stop, when a
+        suspect is held, or (burst) when the queue's last job here finishes."""
+        shared = self.shared
+        stop = shared.stop
+        assert stop is not None
         loop = asyncio.get_running_loop()
-        for r, client_id in list(self._parked.items()):
-            del self._parked[r]
-            task = loop.create_task(commands.unblock(self.shared.redis(), client_id), name="qflow-unblock")
-            self._unblocks.add(task)
-            task.add_done_callback(self._unblock_done)
+        timeout = self._max_wait
+        timer = None
+        if due_in is not None and due_in < timeout:
+            # The server's timeout is a fallback: it is checked `hz` times a second, up to 100 ms late.
+            timeout = due_in
+            timer = loop.call_later(due_in, self._wake, r)
+        watcher = None
+        if shared.burst and r.in_flight:
+            watcher = loop.create_task(r.idle.wait())
+            watcher.add_done_callback(lambda t: None if t.cancelled() else self._wake(r))
+
+        def parked(client_id: int) -> None:
+            self._parked[r] = client_id
+            if stop.is_set() or self.lanes.gate.suspect is not None:
+                self.unpark()
+            elif r in self._woken:
+                self._unblock(r)
+
+        try:
+            return await call(parked, timeout)
+        finally:
+            self._parked.pop(r, None)
+            self._woken.discard(r)
+            if timer is not None:
+                timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _probe(self) -> None:
+        """Once per worker: may this user send ``CLIENT ID``? If not, no wait is parked: one that could not
+        be ended by a stop or a due time would keep either waiting up to block_timeout."""
+        if self._probed:
+            return
+        self._probed = True
+        try:
+            await commands.command(self.shared.redis(), "CLIENT", "ID")
+        except ErrorReply as exc:
+            self._refused(exc)
+        except Exception:  # unreachable: the first claim says so, and the first wait finds out
+            pass
+
+    def _refused(self, exc: Exception) -> None:
+        if self.unblockable:
+            self.unblockable = False
+            log.info("CLIENT ID refused (%s): an idle worker waits, then claims (two round trips)", exc)
+
+    def _wake(self, r: QueueRunner) -> None:
+        """End ``r``'s fetcher's blocking wait now, or as soon as it is on the server."""
+        self._woken.add(r)
+        if r in self._parked:
+            self._unblock(r)
+
+    def _unblock(self, r: QueueRunner) -> None:
+        client_id = self._parked.pop(r)
+        task = asyncio.get_running_loop().create_task(
+            commands.unblock(self.shared.redis(), client_id), name="qflow-unblock"
+        )
+        self._unblocks.add(task)
+        task.add_done_callback(self._unblock_done)
+
+    def unpark(self) -> None:
+        """End the server-side waits of every parked fetcher (at a stop, or when a suspect is held)."""
+        for r in list(self._parked):
+            self._unblock(r)
 
     def _unblock_done(self, task: asyncio.Task[Any]) -> None:
         self._unblocks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # The wait then ends by its own timeout (at most block_timeout).
-            log.warning("could not end a fetcher's blocking wait at stop: %s", task.exception())
+            log.warning("could not end a fetcher's blocking wait: %s", task.exception())
 
     async def _drained(self, r: QueueRunner) -> bool:
         """Burst mode: True when this queue has nothing waiting, delayed or active (and nothing here)."""

@@ -140,3 +140,43 @@ local function trim(zset, keep, age_ms, now, hashes, limit)
   for _, h in ipairs(hashes) do call_batched('HDEL', h, victims) end
   return #victims
 end
+
+-- Wake-ups (issue 14). Idle fetchers block on the queue's `marker` sorted set with BZPOPMIN, which hands each
+-- member to one of them: a wake-up wakes one fetcher, never all (BLMOVE on `wait` woke every idle fetcher on
+-- every push). Member 'now' (score 0) says jobs wait; member 'due' (score: a due time, ms) says a delayed job
+-- became the earliest and the fetcher that times its wait to the earliest (the holder, named in `timer`) must
+-- be found again: whoever pops it claims, and the claim makes it the holder. A fetcher that pops either one
+-- always claims, so a stale wake-up costs one empty claim, never a lost job. Call these after the type checks
+-- (`bad_types` of `marker` as a zset): they write.
+
+-- Jobs were pushed to `wait`: one idle fetcher wakes and claims. A no-op while the wake-up is still there.
+local function wake_now(marker)
+  redis.call('ZADD', marker, 0, 'now')
+end
+
+-- The score of the earliest delayed job (a number), or nil when none is delayed. A read: call it before the
+-- writes that add to `delayed`, to tell whether a new due time is the earliest (`wake_due`).
+local function earliest_due(delayed)
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if #first == 0 then return nil end
+  return tonumber(first[2])
+end
+
+-- A job is due at `at`, before `earliest` (what `earliest_due` read before the writes; nil: nothing was
+-- delayed): the holder times its wait to a later time, so its role ends (`timer` deleted) and one idle
+-- fetcher wakes to claim, take the role and time its wait to `at`. Nothing is done for a later due time: the
+-- holder finds it when it claims at the earlier one.
+local function wake_due(marker, timer, earliest, at)
+  if earliest and at >= earliest then return end
+  redis.call('ZADD', marker, 'LT', at, 'due')
+  redis.call('DEL', timer)
+end
+
+-- `redis.call(...)` of a write that only helps (a wake-up, the timer), where out of memory must not fail the
+-- call: at maxmemory the first write of a script may be refused, and an empty claim writes nothing else.
+-- Other errors are raised as they came; call it after the type checks.
+local function tolerant(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err and string.sub(reply.err, 1, 4) ~= 'OOM ' then error(reply) end
+  return reply
+end

@@ -1,6 +1,7 @@
 -- add: create jobs, unless a job with the same id already exists (idempotent `job_id=`).
 --
--- KEYS[1] jobs    KEYS[2] state    KEYS[3] wait    KEYS[4] delayed    KEYS[5] meta
+-- KEYS[1] jobs    KEYS[2] state    KEYS[3] wait    KEYS[4] delayed    KEYS[5] meta    KEYS[6] marker
+-- KEYS[7] timer
 -- ARGV[1] schema version
 -- ARGV[2..] groups of 4: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none)
 -- Returns: one integer per job, 1 = created, 0 = an existing job kept that id.
@@ -10,6 +11,8 @@
 -- only when some job has a delay or a run_at: a redis.call's fixed cost dominated an add's server CPU (issue
 -- #6). HSETNX stays per job: an HMGET of the batch would copy the envelope of every job that already exists
 -- into the script's memory (a retried add_bulk: up to 500 of them, 1 MiB each).
+-- Wake-ups (see _lib.lua): a job waiting at once wakes one idle fetcher ('now'); a delayed job due before every
+-- other wakes one to time its wait to it ('due'), so it starts on time whatever block_timeout is (issue 14).
 --!include _lib.lua
 
 local stored, wrong = checked(redis.pcall('HGET', KEYS[5], 'schema'), KEYS[5])
@@ -27,12 +30,15 @@ for i = 2, #ARGV, 4 do
   end
 end
 -- The keys written after the first HSETNX (which names `jobs` itself if that key is of the wrong type).
-local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list'})
+local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list', KEYS[6], 'zset'})
 if not err and now > 0 then err = bad_types({KEYS[4], 'zset'}) end
 if err then return corrupt(err) end
+local earliest = nil
+if now > 0 then earliest = earliest_due(KEYS[4]) end
 
 local out = {}
 local waiting, delayed, states = {}, {}, {}
+local soonest = nil  -- the earliest due time of the jobs delayed here
 for i = 2, #ARGV, 4 do
   local id = ARGV[i]
   -- Only the first HSETNX can meet a key of the wrong type (or out of memory), and then nothing was written.
@@ -44,6 +50,7 @@ for i = 2, #ARGV, 4 do
     if delay > 0 then at = now + delay end
     states[#states + 1] = id
     if at > now then
+      if not soonest or at < soonest then soonest = at end
       delayed[#delayed + 1] = at
       delayed[#delayed + 1] = id
       states[#states + 1] = 'delayed'
@@ -61,4 +68,6 @@ call_batched('LPUSH', KEYS[3], waiting)
 call_batched('ZADD', KEYS[4], delayed)
 call_batched('HSET', KEYS[2], states)
 if not stored then redis.call('HSET', KEYS[5], 'schema', ARGV[1]) end
+if #waiting > 0 then wake_now(KEYS[6]) end
+if soonest then wake_due(KEYS[6], KEYS[7], earliest, soonest) end
 return out

@@ -2,20 +2,30 @@
 --
 -- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
 -- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
--- KEYS[10] failed KEYS[11] errors   KEYS[12] stats     KEYS[13] waiters
+-- KEYS[10] failed KEYS[11] errors   KEYS[12] stats     KEYS[13] waiters   KEYS[14] marker   KEYS[15] timer
 -- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
--- ARGV[4] largest envelope a worker accepts, bytes (optional)   ARGV[5] encoded error for a larger one
+-- ARGV[4] largest envelope a worker accepts, bytes ('' or missing: any)   ARGV[5] encoded error for a larger one
+-- ARGV[6] fetcher id ('' or missing: the caller times no wait; the reply names the next due time as it is)
+-- ARGV[7] slots the fetcher keeps free beside this claim   ARGV[8] the fetcher's longest idle wait, ms
 -- A job whose envelope is larger fails here (kind "payload") instead of travelling: one huge reply would
 -- outlast the leases of every job claimed with it (tests/faults: a 50 MB job took its batch down).
 -- A job whose attempts or stalls field is not a count fails here too (kind "corrupt", the field and its value
 -- in the message); the rest of the batch is leased.
--- Returns: { ms until the next delayed job is due (-1: none), waiting jobs left, packed jobs }
+-- Returns: { ms the caller waits at most for the next delayed job (-1: none delayed, or another fetcher times
+--   that wait), waiting jobs left, packed jobs }
 --   packed jobs: one string, per job a 20-byte head struct '>I4I4I4I4I4' (id length, token length, envelope
 --   length, attempts spent, stalls) then the id, token and envelope bytes. One reply element for the whole
 --   batch instead of five per job: the client's reply parser was a third of a worker's CPU (issue #6).
 -- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type or `seq` is not a token counter; nothing
 --   was written (no job left `wait`).
 -- A job id whose envelope is gone (deleted by hand) is dropped from `wait` and not returned.
+-- Wake-ups and the timer (issue 14; see _lib.lua): jobs left waiting re-arm 'now', so another idle fetcher
+-- helps, and a wake-up popped by a fetcher that died before its claim is not lost for good. With a fetcher
+-- id, the caller is told the next due time only if it holds the queue's timer: it will wait idle after this
+-- claim (nothing left waiting, a slot free) and no other fetcher holds it; it then holds it for its wait plus
+-- one more. One fetcher, not every idle one, wakes at each due time. A holder that will not wait idle (its
+-- slots are full) hands the role on with a 'due' wake-up. The timer writes tolerate out-of-memory: an
+-- empty claim at maxmemory still answers (it writes nothing else).
 -- Each hash is read and written once per batch (HMGET, HSET f v f v..., ZADD s m s m...), not once per job:
 -- a redis.call's fixed cost dominated the server CPU of a claim (issue #6). Reads come first and every write
 -- after them (see _lib.lua): the ids are read off the tail of `wait` with LRANGE, and popped with LTRIM only
@@ -26,8 +36,14 @@ local now = now_ms()
 local count = tonumber(ARGV[1])
 
 -- Check: the keys written and not read below, and the token counter.
-local err = bad_types({KEYS[2], 'zset', KEYS[5], 'hash', KEYS[6], 'hash'})
+local err = bad_types({KEYS[2], 'zset', KEYS[5], 'hash', KEYS[6], 'hash', KEYS[14], 'zset'})
 if err then return corrupt(err) end
+local fetcher = ARGV[6] or ''
+local holder = false
+if fetcher ~= '' then
+  holder, err = checked(redis.pcall('GET', KEYS[15]), KEYS[15])
+  if err then return corrupt(err) end
+end
 local seq, wrong = checked(redis.pcall('GET', KEYS[9]), KEYS[9])
 if wrong then return corrupt(wrong) end
 if not is_count(seq, 15) then
@@ -139,8 +155,25 @@ if #errors > 0 then
   bump(KEYS[12], {'failed', #errors / 2})
 end
 
+local left = redis.call('LLEN', KEYS[1])
+if left > 0 then tolerant('ZADD', KEYS[14], 0, 'now') end  -- wake_now, at maxmemory too
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if #nxt > 0 then out[1] = math.max(0, tonumber(nxt[2]) - now) end
-out[2] = redis.call('LLEN', KEYS[1])
+if fetcher ~= '' then
+  local mine = not holder or holder == fetcher
+  local idle = left == 0 and (#leased / 2 < count or tonumber(ARGV[7]) > 0)
+  if out[1] >= 0 and mine and idle then
+    local hold = tonumber(ARGV[8])
+    tolerant('SET', KEYS[15], fetcher, 'PX', math.min(out[1], hold) + hold)
+  else
+    if out[1] >= 0 and mine then
+      -- Due jobs and nobody to time them: the next idle fetcher takes the role.
+      tolerant('ZADD', KEYS[14], 'LT', tonumber(nxt[2]), 'due')
+    end
+    if holder and holder == fetcher then redis.call('DEL', KEYS[15]) end
+    out[1] = -1
+  end
+end
+out[2] = left
 out[3] = table.concat(packed)
 return out

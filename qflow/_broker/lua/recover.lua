@@ -4,12 +4,13 @@
 --
 -- KEYS[1] active   KEYS[2] tokens   KEYS[3] state    KEYS[4] wait     KEYS[5] failed   KEYS[6] errors
 -- KEYS[7] stalls   KEYS[8] checker  KEYS[9] stats    KEYS[10] jobs    KEYS[11] results KEYS[12] attempts
--- KEYS[13] waiters
+-- KEYS[13] waiters  KEYS[14] marker
 -- ARGV[1] checker id   ARGV[2] lock ms   ARGV[3] max stalls   ARGV[4] encoded "stalled" error
 -- ARGV[5] keep failed count   ARGV[6] keep failed age ms (-1: no age limit)   ARGV[7] limit per call
 -- Returns: {-1} if another checker holds the interval, else {recovered, failed, ids...}.
 -- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written but the lock.
 -- A job whose stalls field is not a count fails alone (kind "corrupt"), counted in `failed`.
+-- Jobs put back wake one idle fetcher (see _lib.lua), so they run at once, not at some fetcher's block_timeout.
 --!include _lib.lua
 
 local err = bad_types({KEYS[2], 'hash', KEYS[8], 'string'})
@@ -19,7 +20,7 @@ redis.call('HDEL', KEYS[2], '')
 if not redis.call('SET', KEYS[8], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then return {-1} end
 err = bad_types({KEYS[1], 'zset', KEYS[3], 'hash', KEYS[4], 'list', KEYS[5], 'zset', KEYS[6], 'hash',
                  KEYS[7], 'hash', KEYS[9], 'hash', KEYS[10], 'hash', KEYS[11], 'hash', KEYS[12], 'hash',
-                 KEYS[13], 'hash'})
+                 KEYS[13], 'hash', KEYS[14], 'zset'})
 if err then return corrupt(err) end
 local now = now_ms()
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
@@ -62,6 +63,7 @@ if #expired > 0 then
   -- One RPUSH of several ids pushes them one after the other, as one RPUSH each did.
   call_batched('RPUSH', KEYS[4], requeued)
   call_batched('HSET', KEYS[3], states)
+  if #requeued > 0 then wake_now(KEYS[14]) end
 end
 if out[2] > 0 then
   call_batched('HSET', KEYS[6], errors)

@@ -3,7 +3,7 @@
 -- by its failed life are cleared, so it runs as if newly added (it joins the back of the line).
 --
 -- KEYS[1] failed   KEYS[2] state   KEYS[3] wait   KEYS[4] jobs   KEYS[5] attempts   KEYS[6] stalls
--- KEYS[7] errors   KEYS[8] stats   KEYS[9] waiters
+-- KEYS[7] errors   KEYS[8] stats   KEYS[9] waiters   KEYS[10] marker
 -- ARGV[1] mode: "ids" (ARGV[2..] are job ids) or "oldest" (ARGV[2] = most jobs to move, oldest failures first)
 -- Returns: in "ids" mode, one integer per id: 1 = requeued, 0 = the job is not failed (left alone),
 --          -1 = no such job (never added, or trimmed by retention);
@@ -11,13 +11,14 @@
 -- Errors: "QFLOW_CORRUPT <what>" when a key holds the wrong type; nothing was written.
 -- A notify list left by the failed life is not cleared here (the ids of "oldest" mode are found while the
 -- script runs, so their notify keys cannot be passed in KEYS): watch.lua deletes it when a waiter registers.
+-- Jobs requeued wake one idle fetcher (see _lib.lua).
 --!include _lib.lua
 
 if ARGV[1] ~= 'ids' and ARGV[1] ~= 'oldest' then
   return redis.error_reply('retry_failed: unknown mode ' .. tostring(ARGV[1]))
 end
 local err = bad_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'list', KEYS[4], 'hash', KEYS[5], 'hash',
-                       KEYS[6], 'hash', KEYS[7], 'hash', KEYS[8], 'hash', KEYS[9], 'hash'})
+                       KEYS[6], 'hash', KEYS[7], 'hash', KEYS[8], 'hash', KEYS[9], 'hash', KEYS[10], 'zset'})
 if err then return corrupt(err) end
 
 -- Every key is of its type (checked above), so no call below can fail part-way.
@@ -55,5 +56,8 @@ else
   end
   out = {moved, redis.call('ZCARD', KEYS[1])}
 end
-if moved > 0 then bump(KEYS[8], {'requeued', moved}) end
+if moved > 0 then
+  wake_now(KEYS[10])
+  bump(KEYS[8], {'requeued', moved})
+end
 return out
