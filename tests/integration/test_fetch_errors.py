@@ -76,9 +76,9 @@ def claim_warnings(caplog: pytest.LogCaptureFixture, queue: str) -> list[logging
 
 
 async def parked(app: qflow.App) -> bool:
-    """True while some connection is blocked in the idle fetcher's ``BLMOVE``."""
+    """True while some connection is blocked in the idle fetcher's ``BZPOPMIN``."""
     clients = await app.redis().client_list()
-    return any(c.get("cmd") == "blmove" and "b" in c.get("flags", "") for c in clients)
+    return any(c.get("cmd") == "bzpopmin" and "b" in c.get("flags", "") for c in clients)
 
 
 @asynccontextmanager

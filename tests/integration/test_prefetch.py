@@ -146,7 +146,7 @@ async def test_stop_ends_an_idle_workers_blocking_wait_at_once(
 
         async def blocked() -> bool:
             clients = await app.redis().client_list()
-            return any(c.get("cmd") == "blmove" and "b" in c.get("flags", "") for c in clients)
+            return any(c.get("cmd") == "bzpopmin" and "b" in c.get("flags", "") for c in clients)
 
         await wait_until(blocked)
         worker.stop()
