@@ -4,6 +4,11 @@ A completion does not wait for Redis: the lane queues it and moves on to its nex
 the queue sends everything that piled up while the previous batch was in flight as one script call. A
 failure or a retry is rarer and is awaited by its lane. Each call carries the delivery's fencing token:
 Redis refuses an ack from a delivery whose lease expired and was recovered (a *stale* ack, counted here).
+
+An ack whose reply is lost (the connection dropped after Redis ran the script) is sent again by
+``with_retries``. For a completion or a failure that is safe: Redis keeps the token of the delivery that
+finished a job, and answers the resend of that very delivery as recorded (not stale, nothing written twice),
+so the worker counts the outcome once and logs no rejection.
 """
 
 from __future__ import annotations
@@ -193,7 +198,11 @@ class Acker:
 
 
 async def with_retries(call: Callable[[], Awaitable[Any]], lease_ttl: float) -> Any:
-    """Retry an ack while Redis is unreachable, up to one lease TTL (after which it would be rejected)."""
+    """Retry an ack while Redis is unreachable, up to one lease TTL (after which it would be rejected).
+
+    The first try may have run on the server with its reply lost: a resent complete or fail is then
+    answered as recorded (see the module's docstring), a resent retry or release as stale.
+    """
     deadline = asyncio.get_running_loop().time() + lease_ttl
     delay = 0.05
     while True:
