@@ -51,7 +51,8 @@ class QueueKeys:
     state: str = field(init=False, repr=False, compare=False)
     """Hash: job id -> state name (see ``qflow._state.State``)."""
     tokens: str = field(init=False, repr=False, compare=False)
-    """Hash: job id -> fencing token of the current delivery (only while active)."""
+    """Hash: job id -> fencing token of the current delivery while active; once complete or fail finished the
+    job, the token of the delivery that did (a resent ack of it is recognised), until the job is trimmed."""
     attempts: str = field(init=False, repr=False, compare=False)
     """Hash: job id -> attempts spent (handler runs that ended in an error)."""
     stalls: str = field(init=False, repr=False, compare=False)

@@ -631,15 +631,18 @@ def check(
         if st == "active" and (job_id not in snap.active or job_id not in snap.tokens):
             c.active_without_lease += 1
             v.append(f"{job_id} is active without a lease")
-        if st != "active" and job_id in snap.tokens:
+        if st in ("waiting", "delayed") and job_id in snap.tokens:
+            # complete and fail keep the token of the delivery that finished a job until it is trimmed (a
+            # resent ack of that delivery is then recognised); a job waiting to run holds none (unless an
+            # operator's retry_failed requeued it: its next claim replaces the token).
             v.append(f"{job_id} ({st}) still holds a token")
         if st == "completed" and job_id not in snap.results:
             v.append(f"{job_id} is completed without a result")
         if st == "failed" and job_id not in snap.errors:
             v.append(f"{job_id} is failed without an error")
     for job_id in snap.tokens:
-        if job_id not in snap.active:
-            v.append(f"{job_id} holds a token but no lease deadline")
+        if job_id not in snap.state:
+            v.append(f"{job_id} holds a token but is gone (its job was trimmed without it)")
     for job_id, n in snap.attempts.items():
         if n > max_attempts:
             c.over_attempts += 1

@@ -283,12 +283,6 @@ async def test_fail_trims_the_kept_tokens_of_the_jobs_it_trims(q: Queue) -> None
     assert await q.text.hgetall(q.k.state) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recover.lua's trim list lacks KEYS[2] (tokens): a job fail.lua failed keeps its token until "
-    "trimmed, and recover trims failed jobs too (pending in recover.lua; then remove this mark and "
-    "RECOVER_TRIMS_TOKENS in test_lifecycle_stateful.py)",
-)
 async def test_recover_trims_the_kept_tokens_of_the_failed_jobs_it_trims(q: Queue) -> None:
     """recover fails a stalled job and trims the failed set: a job fail.lua failed goes, its token too."""
     await q.add("a", "b")

@@ -80,11 +80,6 @@ RECOVER_LIMIT = 1000
 WORKERS = (0, 1)
 LEASES = st.sampled_from([LONG_MS, LONG_MS, 0])  # mostly long: most rules need a live lease to act on
 BOGUS_TOKENS = ("0", "-1", "not-a-token")  # tokens come from INCRBY on `seq`, so they start at "1"
-# Whether recover's trim of the failed set deletes the trimmed jobs' `tokens` fields (complete's and fail's
-# do). Not yet: a job fail.lua failed keeps its token, and recover trimming it leaves that field behind
-# (tests/integration/test_ack_idempotence.py, test_recover_trims_the_kept_tokens_of_the_failed_jobs_it_trims,
-# xfail). Set True, and drop that xfail, once recover.lua trims KEYS[2] too.
-RECOVER_TRIMS_TOKENS = False
 
 
 def claimed(reply: scripts.ClaimReply) -> list[tuple[str, str, str, int, int]]:
@@ -789,7 +784,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert (res.requeued, res.failed) == (recovered, len(failed))
         self.maybe_registered |= self.registered & set(failed)  # recover wakes no waiter
         self.registered -= set(failed)
-        self.finish("failed", failed, tokens=RECOVER_TRIMS_TOKENS)
+        self.finish("failed", failed)
         self.stats["stalled"] += recovered + len(failed)
         self.stats["failed"] += len(failed)
         if not second_checker:

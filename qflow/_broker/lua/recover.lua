@@ -72,7 +72,7 @@ if out[2] > 0 then
   call_batched('HDEL', KEYS[13], done)
   bump(KEYS[9], {'stalled', #expired, 'failed', out[2]})
   trim(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]), now,
-       {KEYS[10], KEYS[3], KEYS[6], KEYS[11], KEYS[12], KEYS[7], KEYS[13]}, math.max(100, out[2]))
+       {KEYS[10], KEYS[3], KEYS[6], KEYS[11], KEYS[12], KEYS[7], KEYS[13], KEYS[2]}, math.max(100, out[2]))
 elseif #expired > 0 then
   bump(KEYS[9], {'stalled', #expired})
 end
