@@ -90,7 +90,9 @@ def run_once(
         held: list[tuple[bytes, bytes]] = []
         with measure(r, 2 * n, res["claim"]):
             while True:
-                packed = claim(keys=claim_keys, args=[batch, 30_000, 1000, 1 << 20, b"too large"])[2]
+                # A worker's claim: a fetcher id, no slot kept free, a 2 s wait (older scripts ignore them).
+                argv = [batch, 30_000, 1000, 1 << 20, b"too large", "bench", 0, 2000]
+                packed = claim(keys=claim_keys, args=argv)[2]
                 if not packed:
                     break
                 held += [(job.id, job.token) for job in unpack_claimed(packed)]
