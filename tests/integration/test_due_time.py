@@ -16,6 +16,7 @@ import json
 import random
 import statistics
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -58,7 +59,9 @@ def figures(test: str, lateness: list[float]) -> dict[str, float]:
     return out
 
 
+@asynccontextmanager
 async def idle_worker(app: qflow.App) -> AsyncIterator[qflow.Worker]:
+    """A worker with the app's settings, started, fetching and parked on the server."""
     worker = qflow.Worker(app)
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.ready.wait(), 10)
@@ -83,9 +86,7 @@ async def run_delayed(app: qflow.App, how: Callable[[int], dict[str, object]]) -
         if len(started) == JOBS:
             done.set()
 
-    gen = idle_worker(app)
-    await gen.__anext__()
-    try:
+    async with idle_worker(app):
         jobs = [await q.add("tick", i, **how(i)) for i in range(JOBS)]  # type: ignore[arg-type]
         due = {
             member.decode(): score
@@ -93,8 +94,6 @@ async def run_delayed(app: qflow.App, how: Callable[[int], dict[str, object]]) -
         }
         assert len(due) == JOBS, "a job was due before the adds ended: start the spread later"
         await asyncio.wait_for(done.wait(), 15)
-    finally:
-        await gen.aclose()
     return [started[j.id] - due[j.id] for j in jobs]
 
 
@@ -148,18 +147,16 @@ async def test_retries_start_on_time_after_their_backoff_with_default_settings(a
                 due[member.decode()] = score
             await asyncio.sleep(0.02)
 
-    gen = idle_worker(app)
-    await gen.__anext__()
-    sampler = asyncio.create_task(sample())
-    try:
-        jobs = [
-            await q.add("flaky", i, backoff=None if i % 2 else qflow.Backoff("fixed", delay=delays[i]))
-            for i in range(JOBS)
-        ]
-        await asyncio.wait_for(done.wait(), 15)
-    finally:
-        sampler.cancel()
-        await gen.aclose()
+    async with idle_worker(app):
+        sampler = asyncio.create_task(sample())
+        try:
+            jobs = [
+                await q.add("flaky", i, backoff=None if i % 2 else qflow.Backoff("fixed", delay=delays[i]))
+                for i in range(JOBS)
+            ]
+            await asyncio.wait_for(done.wait(), 15)
+        finally:
+            sampler.cancel()
     assert set(due) == {j.id for j in jobs}
     lateness = [second[j.id] - due[j.id] for j in jobs]
     got = figures("retry backoff and Retry(delay=), 1 idle worker, default settings", lateness)

@@ -307,3 +307,41 @@ async def test_a_job_put_back_by_recovery_wakes_an_idle_worker_at_once(redis_url
         await asyncio.wait_for(task, 10)
         await app.close()
     assert ran == [2, 1, 2]
+
+
+async def test_a_holder_that_gets_busy_hands_the_timer_to_the_idle_worker(
+    redis_url: str, prefix: str
+) -> None:
+    """Two workers of one job each (default settings), jobs of 0.4 s due every 0.2 s: whichever worker runs a
+    job hands the timer to the other, which starts the next one on time (a busy holder kept it before, and the
+    next job waited for the idle worker's block_timeout)."""
+    apps = [qflow.App(redis_url, prefix=prefix) for _ in range(2)]
+    started: dict[int, float] = {}
+    for app in apps:
+
+        @app.queue("relay").processor(concurrency=1)
+        async def slow(job: qflow.Job[int], app: qflow.App = app) -> None:
+            secs, micros = await app.redis().execute_command("TIME")  # type: ignore[no-untyped-call]
+            started[job.payload] = int(secs) * 1000 + int(micros) / 1000
+            await asyncio.sleep(0.4)
+
+    workers = [qflow.Worker(app) for app in apps]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        for w in workers:
+            await asyncio.wait_for(w.ready.wait(), 10)
+        await asyncio.sleep(0.2)
+        q = apps[0].queue("relay")
+        jobs = [await q.add("slow", i, delay=0.5 + 0.2 * i) for i in range(6)]
+        due = [await apps[0].redis().zscore(q.keys.delayed, j.id) for j in jobs]
+        for j in jobs:
+            await j.result(timeout=5)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*tasks)
+        for app in apps:
+            await app.close()
+    late = [started[i] - float(d or 0) for i, d in enumerate(due)]
+    assert min(late) >= 0
+    assert max(late) <= 50, late  # a few ms each here; one block_timeout (2 s) without the hand-off
