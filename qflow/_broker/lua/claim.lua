@@ -167,7 +167,7 @@ if fetcher ~= '' then
     tolerant('SET', KEYS[15], fetcher, 'PX', math.min(out[1], hold) + hold)
   else
     if out[1] >= 0 and mine then
-      -- Due jobs and nobody to time them: the next idle fetcher takes the role.
+      -- This fetcher held the role, or could take it, but will not wait idle: the next idle one takes it.
       tolerant('ZADD', KEYS[14], 'LT', tonumber(nxt[2]), 'due')
     end
     if holder and holder == fetcher then redis.call('DEL', KEYS[15]) end
