@@ -44,7 +44,7 @@ def _sched(k: QueueKeys) -> ScheduleKeys:
 
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "fire": lambda k: (
-        k.jobs, k.state, k.wait, k.meta, _sched(k).schedule_next, _sched(k).schedule_state,
+        k.jobs, k.state, k.wait, k.meta, _sched(k).schedule_next, _sched(k).schedule_state, k.marker,
     ),
     "schedule_upsert": lambda k: (
         _sched(k).schedules, _sched(k).schedule_next, _sched(k).schedule_state, k.meta,

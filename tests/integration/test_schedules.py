@@ -452,3 +452,24 @@ async def test_qflow_schedules_lists_them_as_a_table_and_as_json(redis_url: str,
     assert listed["often"]["payload"] == {"deep": True}
     assert listed["nightly"]["misfire"] == "skip"
     assert listed["nightly"]["next_run"] > time.time() - 60
+
+
+async def test_a_fired_job_wakes_an_idle_worker_rather_than_waiting_for_its_next_look(
+    redis_url: str, prefix: str
+) -> None:
+    """A job the scheduler creates wakes one idle fetcher (``fire.lua`` writes the queue's marker): with
+    ``block_timeout`` 5 s, each tick's job starts well under a second after its tick on the server clock."""
+    app = qflow.App(redis_url, prefix=prefix, worker=qflow.WorkerSettings(block_timeout=5.0))
+    q = app.queue("sched")
+    late_ms: list[int] = []
+
+    @q.processor(concurrency=2)
+    async def tick(job: qflow.Job[Any]) -> None:
+        late_ms.append(await commands.server_ms(app.redis()) - tick_of(job.id))
+
+    async with running(qflow.Worker(app)):
+        await q.schedule("woken", "tick", None, every=1.0)
+        await until(lambda: len(late_ms) >= 3, timeout=10, what="3 ticks")
+        await q.unschedule("woken")
+    assert max(late_ms[:3]) < 1000, f"started {late_ms[:3]} ms after their ticks"
+    await app.close()

@@ -3,6 +3,7 @@
 -- creates its job; every other attempt at that tick, from any process on any host, finds the cursor moved.
 --
 -- KEYS[1] jobs   KEYS[2] state   KEYS[3] wait   KEYS[4] meta   KEYS[5] schedule_next   KEYS[6] schedule_state
+-- KEYS[7] marker (the queue's wake-ups: a created job wakes one idle fetcher)
 -- ARGV[1] schema version   ARGV[2] schedule id   ARGV[3] the schedule's version the caller computed with
 -- ARGV[4] cursor: the schedule's next tick as the caller read it (ms)
 -- ARGV[5] tick: the due tick the job is for (ms; >= cursor, <= the server's now)
@@ -23,7 +24,7 @@ if wrong then return corrupt(wrong) end
 if stored and stored ~= ARGV[1] then
   return redis.error_reply('QFLOW_SCHEMA ' .. stored)
 end
-local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list', KEYS[5], 'zset', KEYS[6], 'hash'})
+local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list', KEYS[5], 'zset', KEYS[6], 'hash', KEYS[7], 'zset'})
 if err then return corrupt(err) end
 
 -- Compare: the version and the cursor the caller computed with.
@@ -58,7 +59,8 @@ if run then
     created = 1
     redis.call('LPUSH', KEYS[3], ARGV[9])
     redis.call('HSET', KEYS[2], ARGV[9], 'waiting')
-    -- The one place a scheduled job becomes waiting: an idle fetcher blocked on `wait` wakes on the LPUSH.
+    -- The one place a scheduled job becomes waiting: it wakes one idle fetcher (BZPOPMIN on the marker).
+    wake_now(KEYS[7])
   end
 end
 if nxt > 0 then
