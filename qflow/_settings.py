@@ -113,7 +113,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     - ``max_stalls``: crash recoveries a job may take before it fails with reason ``stalled``.
     - ``drain_timeout``: on a graceful stop, how long in-flight jobs may finish before they are released.
     - ``block_timeout``: how long an idle fetcher blocks on the server before looking again (at most 80% of
-      the app's ``socket_timeout``, which is what detects a dead server).
+      the app's ``socket_timeout``, which is what detects a dead server). New and due jobs do not wait for
+      it: a new job wakes one idle fetcher, and one fetcher per queue holds the timer of the earliest
+      delayed job. It bounds only how late a due job can be when the fetcher holding that timer died.
     - ``claim_batch``: most jobs one claim takes at once (bounded by free concurrency).
     - ``prefetch_window``: claim-ahead. While handlers are short, a worker claims up to as many jobs again
       as its concurrency ahead of time (leased and renewed like any other), sized so that a job claimed ahead

@@ -3,7 +3,8 @@
 ``Worker`` wires the parts; each part is a module of this package (one task group per worker):
 
 - ``fetch``: a *fetcher* per queue claims jobs in batches sized by free concurrency, and blocks on the server
-  (``BLMOVE wait wait``, which wakes without taking the job) when there is nothing to claim;
+  (``BZPOPMIN`` on the queue's marker: one new job wakes one idle fetcher, and one fetcher holds the timer
+  of the earliest delayed job) when there is nothing to claim;
 - ``lanes``: each processor has ``concurrency`` *lanes*, tasks that run its jobs one after another (sync
   handlers in a thread); jobs claimed ahead wait in line for the next free lane, and a failure that needs no
   handler (undecodable envelope, unknown name) is recorded by a one-off task;
