@@ -26,6 +26,7 @@ from .exceptions import ClientPoolExhausted as ClientPoolExhausted
 from .exceptions import ConfigurationError as ConfigurationError
 from .exceptions import CorruptQueue as CorruptQueue
 from .exceptions import JobError as JobError
+from .exceptions import JobExpired as JobExpired
 from .exceptions import JobFailed as JobFailed
 from .exceptions import JobNotFound as JobNotFound
 from .exceptions import PayloadError as PayloadError
@@ -48,6 +49,7 @@ __all__ = (
     "CorruptQueue",
     "Job",
     "JobError",
+    "JobExpired",
     "JobFailed",
     "JobInfo",
     "JobNotFound",

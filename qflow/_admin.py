@@ -89,7 +89,7 @@ async def get_job(queue: Queue, job_id: str) -> JobInfo:
             pipe.hget(k.stalls, job_id)
             pipe.hget(k.results, job_id)
             pipe.hget(k.errors, job_id)
-            for zset in (k.completed, k.failed, k.delayed, k.active):
+            for zset in (k.completed, k.failed, k.expired, k.delayed, k.active):
                 pipe.zscore(zset, job_id)
             raw_state, env_raw, attempts, stalls, result, error, *scores = await pipe.execute()
     if raw_state is None:

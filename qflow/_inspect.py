@@ -87,6 +87,8 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
     delayed: int
     completed: int
     failed: int
+    expired: int
+    """Jobs kept (by the failed retention) that expired before any worker started them."""
     workers: int
     """Live worker processes consuming this queue."""
     concurrency: int
@@ -100,7 +102,7 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
     window_s: float
     """Seconds the two rates were measured over (at most ``THROUGHPUT_WINDOW``)."""
     totals: dict[str, int]
-    """Lifetime counters: completed, failed, retried, stalled, stale_acks, released, requeued."""
+    """Lifetime counters: completed, failed, expired, retried, stalled, stale_acks, released, requeued."""
 
 
 async def server_time(app: App) -> float:
@@ -186,7 +188,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
         k = q.keys
         with translated("the counts of a queue"):
             async with client.pipeline(transaction=True) as pipe:
-                commands.count_states(pipe, k)  # waiting, active, delayed, completed, failed
+                commands.count_states(pipe, k)  # waiting, active, delayed, completed, failed, expired
                 pipe.hgetall(k.stats)
                 pipe.zcount(k.completed, since, "+inf")
                 pipe.zrange(k.completed, 0, 0, withscores=True)
@@ -199,6 +201,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
             delayed,
             completed,
             failed,
+            expired,
             stats,
             done_recent,
             oldest_done,
@@ -218,6 +221,7 @@ async def queue_info(app: App, queues: Iterable[Queue] | None = None) -> list[Qu
                 delayed=delayed,
                 completed=completed,
                 failed=failed,
+                expired=expired,
                 workers=len(consumers),
                 concurrency=sum(w.queues[q.name] for w in consumers),
                 running=sum(x.running for x in loads),
@@ -264,7 +268,7 @@ def glob_escape(text: str) -> str:
 
 # -- job lists ----------------------------------------------------------------------------------------------
 
-JOB_LIST_STATES = ("waiting", "delayed", "active", "completed", "failed")
+JOB_LIST_STATES = ("waiting", "delayed", "active", "completed", "failed", "expired")
 """The states ``list_jobs`` reads, each from its own key of the queue."""
 
 
@@ -273,8 +277,8 @@ class ListedJob(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str
     at: float | None
-    """Server time (Unix seconds): due (delayed), lease deadline (active), finished (completed, failed);
-    None for a waiting job."""
+    """Server time (Unix seconds): due (delayed), lease deadline (active), finished (completed, failed,
+    expired); None for a waiting job."""
 
 
 class JobList(msgspec.Struct, frozen=True, kw_only=True):
@@ -294,6 +298,7 @@ _LIST_ORDER = {
     "active": "earliest lease deadline first",
     "completed": "newest first",
     "failed": "newest first",
+    "expired": "newest first",
 }
 
 
@@ -316,7 +321,7 @@ async def list_jobs(queue: Queue, state: str, limit: int) -> JobList:
             else:
                 zset = getattr(k, state)
                 pipe.zcard(zset)
-                if state in ("completed", "failed"):
+                if state in ("completed", "failed", "expired"):
                     pipe.zrevrange(zset, 0, limit - 1, withscores=True)
                 else:
                     pipe.zrange(zset, 0, limit - 1, withscores=True)

@@ -15,7 +15,7 @@ from ._broker import scripts
 from ._broker.errors import translated
 from ._settings import MAX_SECONDS, check_number
 from ._state import State
-from .exceptions import JobFailed, JobNotFound, ResultTimeout
+from .exceptions import JobExpired, JobFailed, JobNotFound, ResultTimeout
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -58,7 +58,8 @@ class Job(Generic[T]):
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to finish and return its result.
 
-        Raises ``JobFailed`` if it failed, ``ResultTimeout`` after ``timeout`` seconds (``None``: wait
+        Raises ``JobFailed`` if it failed, ``JobExpired`` (a ``JobFailed``, kind ``"expired"``) if it was not
+        started before its ``expires=`` deadline, ``ResultTimeout`` after ``timeout`` seconds (``None``: wait
         forever), ``JobNotFound`` if there is no such job. Waiting blocks on the server; it does not poll.
         The blocking waits of one process share a pool of their own (``App(max_result_waits=)``), so they
         never take the connections ``add`` and other commands need; past that many concurrent waits, the
@@ -95,6 +96,8 @@ class Job(Generic[T]):
                     else _codec.ErrorInfo(type="Unknown", message="no error recorded")
                 )
                 raise JobFailed(self.id, info.type, info.message, info.traceback, kind=info.kind)
+            if state == "expired":
+                raise JobExpired(self.id)
             wait = chunk
             if deadline is not None:
                 remaining = deadline - loop.time()

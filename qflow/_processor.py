@@ -16,6 +16,7 @@ from ._job import Job
 from ._options import DEFAULT_ATTEMPTS, JobOptions, job_options
 from ._settings import MAX_CONCURRENCY, check_number
 from ._state import Backoff
+from ._timing import Expires
 from .exceptions import ConfigurationError, PayloadError
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class Processor(Generic[T, R]):
         timeout: float | None = None,
         backoff: Backoff | None = None,
         options: JobOptions | None = None,
+        expires: Expires | None = None,
     ) -> Job[T]:
         """Add a job for this processor: the typed twin of ``queue.add(name, payload, ...)``.
 
@@ -145,6 +147,7 @@ class Processor(Generic[T, R]):
             delay=delay,
             run_at=run_at,
             options=job_options(options, attempts=attempts, timeout=timeout, backoff=backoff),
+            expires=expires,
         )
         return typing.cast("Job[T]", job)
 

@@ -24,6 +24,7 @@ from ._processor import Processor
 from ._schedule import Declared, ScheduleMethods
 from ._settings import MAX_SECONDS, check_number
 from ._state import Backoff
+from ._timing import Expires, expiry_ms, run_at_ms
 from .exceptions import BrokerError, BrokerUnavailable, ConfigurationError, PayloadError, UnknownJobName
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _ADD_CHUNK = 500  # jobs per add script call in add_bulk: bounds the time one script holds the server
-_LAST_RUN_AT_MS = 253_402_300_800_000
-"""The end of year 9999 (``datetime.max``) in Unix ms: a ``run_at`` is never later, and is exact in Lua."""
 
 
 class JobSpec(msgspec.Struct, frozen=True):
@@ -56,6 +55,7 @@ class JobSpec(msgspec.Struct, frozen=True):
     timeout: float | None = None
     backoff: Backoff | None = None
     options: JobOptions | None = None
+    expires: Expires | None = None
 
 
 class Queue(ScheduleMethods):
@@ -185,9 +185,11 @@ class Queue(ScheduleMethods):
             if not (type(delay) in (float, int) and 0 <= delay <= MAX_SECONDS):  # nan fails this too
                 check_number("delay", delay, ge=0, le=MAX_SECONDS, unit="seconds")
             delay_ms = int(delay * 1000)
-        run_at_ms = 0 if spec.run_at is None else _run_at_ms(spec.run_at)
+        at_ms = 0 if spec.run_at is None else run_at_ms(spec.run_at)
+        expires_in, expires_at = expiry_ms(spec.expires)
         envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
-        return Job(self, job_id, spec.name, payload), scripts.NewJob(raw_id, envelope, delay_ms, run_at_ms)
+        new = scripts.NewJob(raw_id, envelope, delay_ms, at_ms, expires_in, expires_at)
+        return Job(self, job_id, spec.name, payload), new
 
     def _envelope(self, name: str, payload: Any, options: JobOptions | None) -> bytes:
         """The stored envelope of a job ``add`` would create (checked as ``add`` checks it; no id, no I/O)."""
@@ -206,17 +208,21 @@ class Queue(ScheduleMethods):
         timeout: float | None = None,
         backoff: Backoff | None = None,
         options: JobOptions | None = None,
+        expires: Expires | None = None,
     ) -> Job[Any]:
         """Enqueue one job; when this returns, the job is in Redis (one round trip).
 
         ``job_id`` makes the call idempotent: while a job with that id exists, adding it again returns a
         handle on the existing job. ``delay`` (seconds) or ``run_at`` (aware datetime) postpone it, timed by
         the Redis server's clock. ``attempts``, ``timeout`` and ``backoff`` (or ``options=JobOptions(...)``;
-        keywords win over its fields) override the processor's defaults for this job. Invalid input raises
-        ``ConfigurationError`` or ``PayloadError`` before anything is written.
+        keywords win over its fields) override the processor's defaults for this job. ``expires`` (seconds
+        or a ``timedelta`` from now, or an aware datetime) is a deadline for the job's start: a job no worker
+        claimed by then is discarded as ``expired`` and never runs (``result()`` raises ``JobExpired``; see
+        docs/scheduling.md). Invalid input raises ``ConfigurationError`` or ``PayloadError`` before anything
+        is written.
         """
         job, new = self._prepare(
-            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff, options)
+            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff, options, expires)
         )
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
@@ -251,7 +257,7 @@ class Queue(ScheduleMethods):
         return Job(self, job_id, "", None)
 
     async def counts(self) -> dict[str, int]:
-        """Jobs per state right now: waiting, active, delayed, completed, failed (one round trip)."""
+        """Jobs per state right now: waiting, active, delayed, completed, failed, expired (one round trip)."""
         k = self.keys
         client = self.app.redis()
         with translated("the counts of a queue"):
@@ -261,7 +267,8 @@ class Queue(ScheduleMethods):
         return dict(zip(commands.COUNTED_STATES, values, strict=True))
 
     async def stats(self) -> dict[str, int]:
-        """Lifetime counters: completed, failed, retried, stalled, stale_acks, released."""
+        """Lifetime counters: completed, failed, expired, retried, stalled, stale_acks, released (a counter
+        is missing until it first counts)."""
         with translated("HGETALL stats"):
             raw = await self.app.redis().hgetall(self.keys.stats)
         return {_text(key): int(value) for key, value in raw.items()}
@@ -406,25 +413,6 @@ def _check_text(what: str, value: str, error: type[ConfigurationError | PayloadE
             f"{what} {value!r} is not valid text: {exc.reason} at index {exc.start} "
             "(a lone surrogate has no UTF-8 form)"
         ) from None
-
-
-def _run_at_ms(run_at: object) -> int:
-    """``run_at`` (an aware datetime) in Unix ms, as the add script takes it; 0 for any time before 1970."""
-    if not isinstance(run_at, datetime):
-        raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
-    try:
-        # A tzinfo's utcoffset() may raise, or return something not a timedelta; a datetime subclass may
-        # return nan or a huge number from timestamp(): all refused here, never a bare error later.
-        ms = None if run_at.utcoffset() is None else int(run_at.timestamp() * 1000)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise ConfigurationError(f"run_at {run_at!r} has no usable time: {exc!r}") from exc
-    if ms is None:
-        raise ConfigurationError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
-    if ms > _LAST_RUN_AT_MS:
-        raise ConfigurationError(f"run_at must be before the year 10000, got {run_at!r}")
-    # datetime spans years 1 to 9999, so ms fits a Lua double exactly. A time before 1970 is in the past
-    # like any other: 0 (no run_at) lets the job wait at once, as a past run_at does.
-    return max(ms, 0)
 
 
 class _Decorator:

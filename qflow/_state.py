@@ -16,21 +16,28 @@ __all__ = ("DEFAULT_BACKOFF", "TERMINAL", "TRANSITIONS", "Backoff", "Decision", 
 
 
 class State(enum.StrEnum):
-    """Where a job is in its life. ``completed`` and ``failed`` are terminal."""
+    """Where a job is in its life. ``completed``, ``failed`` and ``expired`` are terminal."""
 
     DELAYED = "delayed"
     WAITING = "waiting"
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
+    EXPIRED = "expired"
 
 
-TERMINAL = frozenset({State.COMPLETED, State.FAILED})
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.EXPIRED})
 
 TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
     (None, State.WAITING, "add", "added with no delay"),
     (None, State.DELAYED, "add", "added with delay= or run_at= in the future"),
     (State.DELAYED, State.WAITING, "claim", "its time came (server clock)"),
+    (
+        State.DELAYED,
+        State.EXPIRED,
+        "claim",
+        "its time came after its expires= deadline: discarded, never run",
+    ),
     (
         State.WAITING,
         State.ACTIVE,
@@ -50,6 +57,12 @@ TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
         "claim",
         "its stored attempts or stalls counter is not a number: error kind 'corrupt' naming the field; the "
         "rest of the batch is claimed",
+    ),
+    (
+        State.WAITING,
+        State.EXPIRED,
+        "claim",
+        "added with expires= and not claimed by then: discarded, never run; no attempt spent",
     ),
     (State.ACTIVE, State.COMPLETED, "complete", "the handler returned; token current"),
     (

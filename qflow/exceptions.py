@@ -15,6 +15,7 @@ QflowError
 │   └── SchemaMismatch          the queue's data was written by an incompatible qflow
 └── JobError                    about one job: ``job_id`` says which
     ├── JobFailed               ``Job.result()`` on a job that ended in ``failed``
+    │   └── JobExpired          ... or in ``expired``: not started before its ``expires=`` deadline
     ├── JobNotFound             no job with that id: never added, or trimmed (also a LookupError)
     └── ResultTimeout           ``Job.result(timeout=)`` ran out (also a TimeoutError)
 ```
@@ -40,6 +41,7 @@ __all__ = (
     "ConfigurationError",
     "CorruptQueue",
     "JobError",
+    "JobExpired",
     "JobFailed",
     "JobNotFound",
     "PayloadError",
@@ -157,6 +159,16 @@ class JobFailed(JobError):
         self.error_type = error_type
         self.message = message
         self.traceback = traceback
+
+
+class JobExpired(JobFailed):
+    """The job ended in the ``expired`` state: it was not started before its ``expires=`` deadline, and never
+    ran. A ``JobFailed`` (``kind`` ``"expired"``), so code that catches failures catches it too."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            job_id, "JobExpired", "not started before its expires= deadline; it never ran", "", kind="expired"
+        )
 
 
 class ResultTimeout(JobError, TimeoutError):

@@ -48,7 +48,7 @@ __all__ = (
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "claim": lambda k: (
         k.wait, k.active, k.delayed, k.jobs, k.state, k.tokens, k.attempts, k.stalls, k.seq,
-        k.failed, k.errors, k.stats, k.waiters, k.marker, k.timer,
+        k.failed, k.errors, k.stats, k.waiters, k.marker, k.timer, k.results, k.expires, k.expired,
     ),
 }  # fmt: skip
 """Script name -> the queue keys it takes as ``KEYS``, in order."""
@@ -120,9 +120,11 @@ def _claim_args(
     fetcher: str,
     spare: int,
     hold_ms: int,
+    keep_failed: tuple[int, int] | None,
 ) -> list[Any]:
+    keep: tuple[Any, Any] = ("", -1) if keep_failed is None else keep_failed
     return [count, lease_ms, promote_limit, "" if max_envelope is None else max_envelope, too_large, fetcher,
-            spare, hold_ms]  # fmt: skip
+            spare, hold_ms, *keep]  # fmt: skip
 
 
 async def claim(
@@ -137,6 +139,7 @@ async def claim(
     fetcher: str = "",
     spare: int = 0,
     hold_ms: int = 0,
+    keep_failed: tuple[int, int] | None = None,
 ) -> ClaimReply:
     """Promote up to ``promote_limit`` due delayed jobs, then lease up to ``count`` waiting jobs for
     ``lease_ms`` (``lua/claim.lua``). A job whose envelope is over ``max_envelope`` bytes fails instead, with
@@ -146,8 +149,14 @@ async def claim(
     longest idle wait (``hold_ms``): if it will wait idle after the claim and no other fetcher holds the
     queue's timer, it takes it, and ``next_due_ms`` tells it when to wake (see ``ClaimReply``). ``count=0``
     with ``spare=0`` hands a held timer on (a stopping fetcher).
+
+    A job past its expiry deadline is not leased but recorded ``expired``. ``keep_failed`` (count, age ms;
+    -1: no age limit) trims the ``failed`` and ``expired`` sets after jobs failed or expired here; None: no
+    trim.
     """
-    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large, fetcher, spare, hold_ms)
+    args = _claim_args(
+        count, lease_ms, promote_limit, max_envelope, too_large, fetcher, spare, hold_ms, keep_failed
+    )
     return parse_claim(await _CLAIM(client, _CLAIM.keys(keys), args))
 
 
@@ -194,6 +203,7 @@ async def wait_then_claim(
     fetcher: str = "",
     spare: int = 0,
     hold_ms: int = 0,
+    keep_failed: tuple[int, int] | None = None,
 ) -> Parked:
     """``wait_parked`` with a claim queued behind the wait, on one connection.
 
@@ -201,7 +211,9 @@ async def wait_then_claim(
     moment the wait ends (a wake-up, its timeout, or ``CLIENT UNBLOCK``), so an idle worker's pickup costs one
     round trip instead of two. The claim takes the same arguments as ``claim``.
     """
-    args = _claim_args(count, lease_ms, promote_limit, max_envelope, too_large, fetcher, spare, hold_ms)
+    args = _claim_args(
+        count, lease_ms, promote_limit, max_envelope, too_large, fetcher, spare, hold_ms, keep_failed
+    )
     return await _park(client, keys, timeout, parked, args)
 
 

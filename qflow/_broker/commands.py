@@ -23,7 +23,7 @@ __all__ = (
     "wait_for_wakeup",
 )
 
-COUNTED_STATES = ("waiting", "active", "delayed", "completed", "failed")
+COUNTED_STATES = ("waiting", "active", "delayed", "completed", "failed", "expired")
 """The states ``count_states`` counts, in the order it queues their commands."""
 
 
@@ -57,6 +57,7 @@ def count_states(pipe: Any, keys: QueueKeys) -> None:
     pipe.zcard(keys.delayed)
     pipe.zcard(keys.completed)
     pipe.zcard(keys.failed)
+    pipe.zcard(keys.expired)
 
 
 async def wait_for_push(client: aioredis.Redis, key: str | bytes, timeout: float) -> None:

@@ -46,6 +46,11 @@ class QueueKeys:
     """Sorted set: job id -> completion time (ms); trimmed by count and age."""
     failed: str = field(init=False, repr=False, compare=False)
     """Sorted set: job id -> failure time (ms); trimmed by count and age."""
+    expired: str = field(init=False, repr=False, compare=False)
+    """Sorted set: job id -> time the claim found it expired (ms); trimmed by the failed retention."""
+    expires: str = field(init=False, repr=False, compare=False)
+    """Hash: job id -> start deadline (ms, server clock) of a job added with ``expires=``: written by ``add``,
+    read by the claim, deleted when the job is first leased, expired or trimmed (issue 14)."""
     jobs: str = field(init=False, repr=False, compare=False)
     """Hash: job id -> encoded envelope (name, payload, options); written once by ``add``."""
     state: str = field(init=False, repr=False, compare=False)
@@ -109,6 +114,8 @@ _FIXED = (
     "delayed",
     "completed",
     "failed",
+    "expired",
+    "expires",
     "jobs",
     "state",
     "tokens",

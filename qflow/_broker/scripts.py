@@ -97,7 +97,7 @@ Delivery = tuple[JobId, Token]
 # complete and fail also take the notify list of each job after these (KEYS[12..]).
 
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
-    "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta, k.marker, k.timer),
+    "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta, k.marker, k.timer, k.expires),
     **CLAIM_KEYS,
     "complete": lambda k: (
         k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
@@ -155,6 +155,10 @@ class NewJob(msgspec.Struct, gc=False):
     """Run this many ms after the add (server clock); 0: no delay."""
     run_at_ms: int = 0
     """Run at this Unix time in ms (server clock); 0: at once."""
+    expires_in_ms: int = 0
+    """Expire this many ms after the add unless started (server clock); 0: see ``expires_at_ms``."""
+    expires_at_ms: int = 0
+    """Expire at this Unix time in ms unless started; 0: never (with ``expires_in_ms`` 0)."""
 
 
 async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -> list[bool]:
@@ -165,7 +169,7 @@ async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -
     """
     argv: list[Any] = [SCHEMA_VERSION]
     for job in jobs:
-        argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms)
+        argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms, job.expires_in_ms, job.expires_at_ms)
     reply = await _ADD(client, _ADD.keys(keys), argv)
     return [created == 1 for created in reply]
 

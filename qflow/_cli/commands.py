@@ -202,6 +202,7 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
                 q.delayed,
                 q.completed,
                 q.failed,
+                q.expired,
                 q.workers,
                 q.concurrency,
                 f"{q.completed_per_s:.2f}",
@@ -218,18 +219,22 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
             "DELAYED",
             "COMPLETED",
             "FAILED",
+            "EXPIRED",
             "WORKERS",
             "CONC",
             "DONE/S",
             "FAILED/S",
         )
-        out(table(heads, rows, right=tuple(range(1, 12))))
+        out(table(heads, rows, right=tuple(range(1, 13))))
         window = min((q.window_s for q in infos), default=60.0)
         out(
             "\nACTIVE: jobs leased to workers: RUNNING (handlers running now, at most CONC), AHEAD (claimed "
             "ahead,\nwaiting for a free lane; both by the workers' last heartbeats) and acks on their way"
         )
-        out(f"rates over the last {window:.0f}s (server clock); COMPLETED/FAILED: jobs kept by retention")
+        out(
+            f"rates over the last {window:.0f}s (server clock); COMPLETED/FAILED/EXPIRED: jobs kept by "
+            "retention"
+        )
         return ExitCode.OK
 
     return _one_shot(args, body)
@@ -256,7 +261,13 @@ def cmd_jobs(args: argparse.Namespace) -> ExitCode:
             return ExitCode.OK
         if not lists:
             out(f"no queue {_where(args, app)} (no job was ever added to one)")
-        column = {"delayed": "DUE", "active": "LEASE UNTIL", "completed": "FINISHED", "failed": "FAILED AT"}
+        column = {
+            "delayed": "DUE",
+            "active": "LEASE UNTIL",
+            "completed": "FINISHED",
+            "failed": "FAILED AT",
+            "expired": "EXPIRED AT",
+        }
         for jl in lists:
             shown = f"{len(jl.jobs)} of {jl.total}" if len(jl.jobs) < jl.total else f"{jl.total}"
             out(f"{jl.state} jobs of queue {jl.queue!r}: {shown} ({jl.order})")

@@ -103,7 +103,7 @@ def _log_level(text: str) -> str:
 
 
 LOOPS = ("asyncio", "uvloop")
-JOB_STATES = ("waiting", "delayed", "active", "completed", "failed")
+JOB_STATES = ("waiting", "delayed", "active", "completed", "failed", "expired")
 """States ``qflow jobs list`` reads (``qflow._inspect.JOB_LIST_STATES``; not imported: it loads redis)."""
 JOB_VERBS = ("list", "show", "retry", "purge")
 

@@ -80,8 +80,10 @@ class Fetcher:
 
     def _kw(self, r: QueueRunner) -> dict[str, Any]:
         """The claim's keywords for ``r``'s fetcher: its id is the worker's (unique: host, pid, random bits)
-        and the queue's name."""
-        return {**self._claim_kw, "fetcher": f"{self.shared.id}/{r.queue.name}"}
+        and the queue's name; the queue's failed retention, which trims what the claim fails or expires."""
+        ret = r.queue.retention
+        keep = (ret.failed_count, -1 if ret.failed_age is None else int(ret.failed_age * 1000))
+        return {**self._claim_kw, "fetcher": f"{self.shared.id}/{r.queue.name}", "keep_failed": keep}
 
     async def run(self, r: QueueRunner) -> None:
         """Claim jobs of one queue and hand them to the lanes until the worker stops (or, burst, drains)."""

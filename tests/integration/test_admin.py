@@ -89,7 +89,14 @@ async def test_retry_failed_spans_several_script_calls(app: qflow.App, work: qfl
     still_failed = [f"b{i}" for i in range(540) if await work.job(f"b{i}").status() == qflow.State.FAILED]
     report = await work.retry_failed(still_failed[:20] * 30)  # 600 ids; each repeat finds its job waiting
     assert (report.requeued, len(report.not_failed), report.missing) == (20, 580, [])
-    assert (await work.counts()) == {"waiting": 530, "active": 0, "delayed": 0, "completed": 0, "failed": 10}
+    assert (await work.counts()) == {
+        "waiting": 530,
+        "active": 0,
+        "delayed": 0,
+        "completed": 0,
+        "failed": 10,
+        "expired": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -160,9 +167,23 @@ async def test_purge_deletes_every_key_of_its_queue_and_nothing_else(
 
     assert await client.exists(*mine) == 0
     assert await client.exists(*others) == len(others)
-    assert await target.counts() == {"waiting": 0, "active": 0, "delayed": 0, "completed": 0, "failed": 0}
+    assert await target.counts() == {
+        "waiting": 0,
+        "active": 0,
+        "delayed": 0,
+        "completed": 0,
+        "failed": 0,
+        "expired": 0,
+    }
     assert await target.stats() == {}
-    assert await sibling.counts() == {"waiting": 1, "active": 0, "delayed": 1, "completed": 1, "failed": 1}
+    assert await sibling.counts() == {
+        "waiting": 1,
+        "active": 0,
+        "delayed": 1,
+        "completed": 1,
+        "failed": 1,
+        "expired": 0,
+    }
     assert await target.purge() == 0
     job = await target.add("run", "again")
     assert await job.status() == qflow.State.WAITING
@@ -177,7 +198,14 @@ async def test_testing_purge_is_queue_purge(app: qflow.App) -> None:
     stored = await app.redis().exists(*q.keys.all_fixed())
     assert stored > 0
     assert await purge(q) == stored
-    assert await q.counts() == {"waiting": 0, "active": 0, "delayed": 0, "completed": 0, "failed": 0}
+    assert await q.counts() == {
+        "waiting": 0,
+        "active": 0,
+        "delayed": 0,
+        "completed": 0,
+        "failed": 0,
+        "expired": 0,
+    }
 
 
 # -- get_job --------------------------------------------------------------------------------------------

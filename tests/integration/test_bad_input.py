@@ -48,7 +48,7 @@ async def stored_keys(app: qflow.App) -> list[bytes]:
 
 async def assert_counts(queue: qflow.Queue, **expected: int) -> None:
     """``queue.counts()`` equals ``expected``, with every state not named there at zero."""
-    want = dict.fromkeys(("waiting", "active", "delayed", "completed", "failed"), 0) | expected
+    want = dict.fromkeys(("waiting", "active", "delayed", "completed", "failed", "expired"), 0) | expected
     assert await queue.counts() == want
 
 

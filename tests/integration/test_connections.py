@@ -85,7 +85,14 @@ async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(
     assert worker.jobs_done == 2 * n
     stats = await q.stats()
     assert (stats.get("retried", 0), stats.get("stalled", 0), stats.get("stale_acks", 0)) == (0, 0, 0)
-    assert await q.counts() == {"waiting": 0, "active": 0, "delayed": 0, "completed": 2 * n, "failed": 0}
+    assert await q.counts() == {
+        "waiting": 0,
+        "active": 0,
+        "delayed": 0,
+        "completed": 2 * n,
+        "failed": 0,
+        "expired": 0,
+    }
 
 
 async def test_a_thousand_result_waits_neither_raise_nor_starve_add(app: qflow.App, redis_url: str) -> None:

@@ -210,7 +210,14 @@ async def test_twenty_concurrent_fires_of_one_tick_create_one_job(app: qflow.App
     assert fired[0].created
     assert len(stale) == 19
     assert {(r.version, r.cursor) for r in stale} == {(s.version, cursor + 500)}
-    assert await q.counts() == {"waiting": 1, "active": 0, "delayed": 0, "completed": 0, "failed": 0}
+    assert await q.counts() == {
+        "waiting": 1,
+        "active": 0,
+        "delayed": 0,
+        "completed": 0,
+        "failed": 0,
+        "expired": 0,
+    }
     after = await state(app, "s")
     assert (after.fired, after.missed, after.last_tick) == (1, 0, cursor / 1000)
 

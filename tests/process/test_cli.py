@@ -133,7 +133,14 @@ async def test_jobs_show_retry_and_purge(fleet: Fleet, app: qflow.App) -> None:
     assert (await work.counts())["waiting"] == 2
     purged = fleet.cli("jobs", TARGET, "purge", "work", "--yes")
     assert purged.returncode == 0, purged.stderr
-    assert await work.counts() == {"waiting": 0, "active": 0, "delayed": 0, "completed": 0, "failed": 0}
+    assert await work.counts() == {
+        "waiting": 0,
+        "active": 0,
+        "delayed": 0,
+        "completed": 0,
+        "failed": 0,
+        "expired": 0,
+    }
 
 
 async def test_jobs_show_of_an_unknown_id_exits_not_found(fleet: Fleet) -> None:

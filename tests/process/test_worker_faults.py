@@ -87,7 +87,7 @@ async def test_sigkill_mid_job_redelivers_after_lease_expiry(
     assert lost == 0
     assert results == dict.fromkeys(ids, b.pid), "the killed jobs were completed by the other worker"
     counts = await ledger_queue.counts()
-    assert counts == {"waiting": 0, "active": 0, "delayed": 0, "completed": n, "failed": 0}
+    assert counts == {"waiting": 0, "active": 0, "delayed": 0, "completed": n, "failed": 0, "expired": 0}
     for job_id, runs in led.runs().items():
         assert [r.pid for r in runs] == [a.pid, b.pid], f"job {job_id} ran at most twice: A, then B"
         assert (runs[1].attempt, runs[1].stalls) == (1, 1), "a stall is counted, not an attempt"

@@ -169,6 +169,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qflow._codec",
             "qflow._embedded",
             "qflow._cron",
+            "qflow._timing",
         ),
     ),
     ("broker", ("qflow._broker",)),

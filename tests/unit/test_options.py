@@ -127,13 +127,18 @@ async def test_enqueue_is_a_deprecated_alias_of_add(monkeypatch: pytest.MonkeyPa
                 "delay": None,
                 "run_at": None,
                 "options": qflow.JobOptions(attempts=2, timeout=3.0),
+                "expires": None,
             },
         ),
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         await send.add(8)  # the new name does not warn
-    assert seen[-1] == ("send", 8, {"job_id": None, "delay": None, "run_at": None, "options": NO_OPTIONS})
+    assert seen[-1] == (
+        "send",
+        8,
+        {"job_id": None, "delay": None, "run_at": None, "options": NO_OPTIONS, "expires": None},
+    )
 
 
 def test_app_url_reads_configuration_only(monkeypatch: pytest.MonkeyPatch) -> None:

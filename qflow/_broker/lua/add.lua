@@ -1,9 +1,10 @@
 -- add: create jobs, unless a job with the same id already exists (idempotent `job_id=`).
 --
 -- KEYS[1] jobs    KEYS[2] state    KEYS[3] wait    KEYS[4] delayed    KEYS[5] meta    KEYS[6] marker
--- KEYS[7] timer
+-- KEYS[7] timer   KEYS[8] expires
 -- ARGV[1] schema version
--- ARGV[2..] groups of 4: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none)
+-- ARGV[2..] groups of 6: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none),
+--   expires_in_ms (relative, 0 = none), expires_at_ms (absolute, 0 = none)
 -- Returns: one integer per job, 1 = created, 0 = an existing job kept that id.
 -- Errors: "QFLOW_SCHEMA <stored>" when the queue was written by an incompatible schema; "QFLOW_CORRUPT <what>"
 -- when a key holds the wrong type. Either way nothing was written.
@@ -13,6 +14,8 @@
 -- into the script's memory (a retried add_bulk: up to 500 of them, 1 MiB each).
 -- Wake-ups (see _lib.lua): a job waiting at once wakes one idle fetcher ('now'); a delayed job due before every
 -- other wakes one to time its wait to it ('due'), so it starts on time whatever block_timeout is (issue 14).
+-- Expiry (issue 14): a job created with an expiry gets its deadline (ms, server clock) in `expires`; the claim
+-- discards it as `expired` if it reaches it at or after that deadline. An existing job keeps its own.
 --!include _lib.lua
 
 local stored, wrong = checked(redis.pcall('HGET', KEYS[5], 'schema'), KEYS[5])
@@ -23,23 +26,25 @@ end
 
 -- A job with neither delay nor run_at waits at once, whatever the time: only the others need TIME.
 local now = 0
-for i = 2, #ARGV, 4 do
-  if (tonumber(ARGV[i + 2]) or 0) > 0 or (tonumber(ARGV[i + 3]) or 0) > 0 then
+local expiring = false
+for i = 2, #ARGV, 6 do
+  if ARGV[i + 4] ~= '0' or ARGV[i + 5] ~= '0' then expiring = true end
+  if now == 0 and (tonumber(ARGV[i + 2]) > 0 or tonumber(ARGV[i + 3]) > 0 or tonumber(ARGV[i + 4]) > 0) then
     now = now_ms()
-    break
   end
 end
 -- The keys written after the first HSETNX (which names `jobs` itself if that key is of the wrong type).
 local err = bad_types({KEYS[2], 'hash', KEYS[3], 'list', KEYS[6], 'zset'})
 if not err and now > 0 then err = bad_types({KEYS[4], 'zset'}) end
+if not err and expiring then err = bad_types({KEYS[8], 'hash'}) end
 if err then return corrupt(err) end
 local earliest = nil
 if now > 0 then earliest = earliest_due(KEYS[4]) end
 
 local out = {}
-local waiting, delayed, states = {}, {}, {}
+local waiting, delayed, states, deadlines = {}, {}, {}, {}
 local soonest = nil  -- the earliest due time of the jobs delayed here
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 6 do
   local id = ARGV[i]
   -- Only the first HSETNX can meet a key of the wrong type (or out of memory), and then nothing was written.
   local created, wrong = checked(redis.pcall('HSETNX', KEYS[1], id, ARGV[i + 1]), KEYS[1])
@@ -49,6 +54,13 @@ for i = 2, #ARGV, 4 do
     local delay = tonumber(ARGV[i + 2])
     if delay > 0 then at = now + delay end
     states[#states + 1] = id
+    local expires_at = tonumber(ARGV[i + 5])
+    local expires_in = tonumber(ARGV[i + 4])
+    if expires_in > 0 then expires_at = now + expires_in end
+    if expires_at > 0 then
+      deadlines[#deadlines + 1] = id
+      deadlines[#deadlines + 1] = expires_at
+    end
     if at > now then
       if not soonest or at < soonest then soonest = at end
       delayed[#delayed + 1] = at
@@ -67,6 +79,7 @@ end
 call_batched('LPUSH', KEYS[3], waiting)
 call_batched('ZADD', KEYS[4], delayed)
 call_batched('HSET', KEYS[2], states)
+call_batched('HSET', KEYS[8], deadlines)
 if not stored then redis.call('HSET', KEYS[5], 'schema', ARGV[1]) end
 if #waiting > 0 then wake_now(KEYS[6]) end
 if soonest then wake_due(KEYS[6], KEYS[7], earliest, soonest) end

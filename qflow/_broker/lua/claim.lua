@@ -3,14 +3,22 @@
 -- KEYS[1] wait    KEYS[2] active    KEYS[3] delayed    KEYS[4] jobs    KEYS[5] state
 -- KEYS[6] tokens  KEYS[7] attempts  KEYS[8] stalls     KEYS[9] seq
 -- KEYS[10] failed KEYS[11] errors   KEYS[12] stats     KEYS[13] waiters   KEYS[14] marker   KEYS[15] timer
+-- KEYS[16] results KEYS[17] expires KEYS[18] expired
 -- ARGV[1] count    ARGV[2] lease_ms    ARGV[3] promote limit
 -- ARGV[4] largest envelope a worker accepts, bytes ('' or missing: any)   ARGV[5] encoded error for a larger one
 -- ARGV[6] fetcher id ('' or missing: the caller times no wait; the reply names the next due time as it is)
 -- ARGV[7] slots the fetcher keeps free beside this claim   ARGV[8] the fetcher's longest idle wait, ms
+-- ARGV[9] failed jobs kept (count; '' or missing: no trim here)   ARGV[10] their age limit, ms (-1: none)
 -- A job whose envelope is larger fails here (kind "payload") instead of travelling: one huge reply would
 -- outlast the leases of every job claimed with it (tests/faults: a 50 MB job took its batch down).
 -- A job whose attempts or stalls field is not a count fails here too (kind "corrupt", the field and its value
 -- in the message); the rest of the batch is leased.
+-- Expiry (issue 14): a job whose deadline in `expires` is at or before now is not leased: it becomes `expired`
+-- (in the `expired` set, counted in stats.expired), never run. A delayed job is checked when it is due, so
+-- one whose deadline passed before its due time expires then. A job leased in time loses its deadline: the
+-- deadline is for the first start, and a started job retries and recovers as any other (docs/scheduling.md). Jobs failed or expired here are trimmed from
+-- `failed` and `expired` by the failed retention (ARGV[9], ARGV[10]): a flood of corrupt or expired jobs
+-- never grows either set past it (issue 12 leftover).
 -- Returns: { ms the caller waits at most for the next delayed job (-1: none delayed, or another fetcher times
 --   that wait), waiting jobs left, packed jobs }
 --   packed jobs: one string, per job a 20-byte head struct '>I4I4I4I4I4' (id length, token length, envelope
@@ -72,8 +80,9 @@ for _, id in ipairs(due) do
 end
 
 local out = {-1, 0, ''}
+local n_expiring = 0
 local packed = {}
-local leased, tokens, states, gone, failed, errors = {}, {}, {}, {}, {}, {}
+local leased, tokens, states, gone, failed, errors, expired = {}, {}, {}, {}, {}, {}, {}
 for _, id in ipairs(promoted) do
   states[#states + 1] = id
   states[#states + 1] = 'waiting'
@@ -94,6 +103,14 @@ if #ids > 0 then
   if not attempts then return corrupt(err) end
   stalls, err = read_batched('HMGET', KEYS[8], ids)
   if not stalls then return corrupt(err) end
+  -- Most queues hold no expiring job: one HLEN spares them the HMGET.
+  local deadlines = {}
+  n_expiring, err = checked(redis.pcall('HLEN', KEYS[17]), KEYS[17])
+  if err then return corrupt(err) end
+  if n_expiring > 0 then
+    deadlines, err = read_batched('HMGET', KEYS[17], ids)
+    if not deadlines then return corrupt(err) end
+  end
   for i, id in ipairs(ids) do
     local env = envs[i]
     local failure
@@ -102,6 +119,13 @@ if #ids > 0 then
       failure = ARGV[5]
     elseif not env then
       gone[#gone + 1] = id
+    elseif deadlines[i] and not is_count(deadlines[i], 15) then
+      failure = corrupt_error('expiry deadline', deadlines[i])
+    elseif deadlines[i] and tonumber(deadlines[i]) <= now then
+      states[#states + 1] = id
+      states[#states + 1] = 'expired'
+      expired[#expired + 1] = now
+      expired[#expired + 1] = id
     elseif not is_count(attempts[i], 9) then
       failure = corrupt_error('attempts', attempts[i])
     elseif not is_count(stalls[i], 9) then
@@ -127,8 +151,9 @@ if #ids > 0 then
       failed[#failed + 1] = id
     end
   end
-  if #errors > 0 then
-    err = bad_types({KEYS[10], 'zset', KEYS[11], 'hash', KEYS[12], 'hash', KEYS[13], 'hash'})
+  if #errors > 0 or #expired > 0 then
+    err = bad_types({KEYS[10], 'zset', KEYS[11], 'hash', KEYS[12], 'hash', KEYS[13], 'hash', KEYS[16], 'hash',
+                     KEYS[7], 'hash', KEYS[8], 'hash', KEYS[18], 'zset', KEYS[4], 'hash'})
     if err then return corrupt(err) end
   end
 end
@@ -143,6 +168,12 @@ if #ids > 0 then
   call_batched('HDEL', KEYS[5], gone)
   call_batched('ZADD', KEYS[2], leased)
   call_batched('HSET', KEYS[6], tokens)
+  if n_expiring > 0 then
+    call_batched('HDEL', KEYS[17], gone)
+    local started = {}
+    for i = 1, #tokens, 2 do started[#started + 1] = tokens[i] end
+    call_batched('HDEL', KEYS[17], started)
+  end
 end
 call_batched('HSET', KEYS[5], states)
 if #errors > 0 then
@@ -153,6 +184,22 @@ if #errors > 0 then
   for i = 2, #failed, 2 do done[#done + 1] = failed[i] end
   call_batched('HDEL', KEYS[13], done)
   bump(KEYS[12], {'failed', #errors / 2})
+end
+if #expired > 0 then
+  call_batched('ZADD', KEYS[18], expired)
+  local done = {}
+  for i = 2, #expired, 2 do done[#done + 1] = expired[i] end
+  call_batched('HDEL', KEYS[13], done)
+  call_batched('HDEL', KEYS[17], done)
+  bump(KEYS[12], {'expired', #done})
+end
+local keep = tonumber(ARGV[9] or '')
+if keep and (#errors > 0 or #expired > 0) then
+  -- Every per-job field goes with a trimmed job; tokens, a claim-failed job has none.
+  local owned = {KEYS[4], KEYS[5], KEYS[11], KEYS[16], KEYS[7], KEYS[8], KEYS[13], KEYS[6], KEYS[17]}
+  local limit = math.max(100, #errors / 2 + #expired / 2)
+  trim(KEYS[10], keep, tonumber(ARGV[10]), now, owned, limit)
+  trim(KEYS[18], keep, tonumber(ARGV[10]), now, owned, limit)
 end
 
 local left = redis.call('LLEN', KEYS[1])

@@ -16,6 +16,7 @@ local id = ARGV[1]
 local st = redis.call('HGET', KEYS[1], id)
 if st == 'completed' then return {st, redis.call('HGET', KEYS[2], id)} end
 if st == 'failed' then return {st, redis.call('HGET', KEYS[3], id)} end
+if st == 'expired' then return {st, false} end  -- finished, never run: no result, no error
 if st then
   local _, wrong = checked(redis.pcall('HSET', KEYS[4], id, 1), KEYS[4])
   if wrong then return corrupt(wrong) end
