@@ -7,6 +7,8 @@ many jobs one process runs at once; processes are how many of those run side by 
 from ._admin import JobInfo as JobInfo
 from ._admin import RetryReport as RetryReport
 from ._app import App as App
+from ._dedup import AddOutcome as AddOutcome
+from ._dedup import Dedup as Dedup
 from ._job import Job as Job
 from ._options import JobOptions as JobOptions
 from ._processor import Processor as Processor
@@ -38,6 +40,7 @@ from .exceptions import SchemaMismatch as SchemaMismatch
 from .exceptions import UnknownJobName as UnknownJobName
 
 __all__ = (
+    "AddOutcome",
     "App",
     "Backoff",
     "BrokerAuthError",
@@ -47,6 +50,7 @@ __all__ = (
     "ClientPoolExhausted",
     "ConfigurationError",
     "CorruptQueue",
+    "Dedup",
     "Job",
     "JobError",
     "JobExpired",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import _codec
 from ._broker import scripts
 from ._broker.errors import translated
+from ._dedup import AddOutcome
 from ._settings import MAX_SECONDS, check_number
 from ._state import State
 from .exceptions import JobExpired, JobFailed, JobNotFound, ResultTimeout
@@ -33,7 +34,7 @@ class Job(Generic[T]):
     from a dead worker.
     """
 
-    __slots__ = ("attempt", "id", "name", "payload", "queue", "stalls")
+    __slots__ = ("attempt", "id", "name", "outcome", "payload", "queue", "stalls")
 
     def __init__(
         self, queue: Queue, id: str, name: str, payload: T, *, attempt: int = 0, stalls: int = 0
@@ -44,6 +45,8 @@ class Job(Generic[T]):
         self.payload = payload
         self.attempt = attempt
         self.stalls = stalls
+        self.outcome: AddOutcome | None = None
+        """What the ``add`` that returned this handle did (``qflow.AddOutcome``); None on other handles."""
 
     def __repr__(self) -> str:
         return f"<qflow.Job {self.queue.name}:{self.name} id={self.id}>"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from ._codec import DECODE_ERRORS, encode_payload
+from ._dedup import Dedup
 from ._job import Job
 from ._options import DEFAULT_ATTEMPTS, JobOptions, job_options
 from ._settings import MAX_CONCURRENCY, check_number
@@ -134,6 +135,7 @@ class Processor(Generic[T, R]):
         backoff: Backoff | None = None,
         options: JobOptions | None = None,
         expires: Expires | None = None,
+        dedup: Dedup | None = None,
     ) -> Job[T]:
         """Add a job for this processor: the typed twin of ``queue.add(name, payload, ...)``.
 
@@ -148,6 +150,7 @@ class Processor(Generic[T, R]):
             run_at=run_at,
             options=job_options(options, attempts=attempts, timeout=timeout, backoff=backoff),
             expires=expires,
+            dedup=dedup,
         )
         return typing.cast("Job[T]", job)
 

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import msgspec
 
 from . import _admin, _codec
+from ._adding import ADD_CHUNK, AddBatcher
 from ._broker import commands, scripts
 from ._broker.errors import is_timeout, translated
 from ._broker.keys import QueueKeys
+from ._dedup import AddOutcome, Dedup
 from ._job import Job
 from ._options import JobOptions, job_options
 from ._processor import Processor
@@ -25,7 +27,7 @@ from ._schedule import Declared, ScheduleMethods
 from ._settings import MAX_SECONDS, check_number
 from ._state import Backoff
 from ._timing import Expires, expiry_ms, run_at_ms
-from .exceptions import BrokerError, BrokerUnavailable, ConfigurationError, PayloadError, UnknownJobName
+from .exceptions import BrokerUnavailable, ConfigurationError, PayloadError, UnknownJobName
 
 if TYPE_CHECKING:
     from ._app import App
@@ -35,8 +37,6 @@ __all__ = ("JobSpec", "Queue")
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-_ADD_CHUNK = 500  # jobs per add script call in add_bulk: bounds the time one script holds the server
 
 
 class JobSpec(msgspec.Struct, frozen=True):
@@ -56,6 +56,7 @@ class JobSpec(msgspec.Struct, frozen=True):
     backoff: Backoff | None = None
     options: JobOptions | None = None
     expires: Expires | None = None
+    dedup: Dedup | None = None
 
 
 class Queue(ScheduleMethods):
@@ -71,7 +72,7 @@ class Queue(ScheduleMethods):
         self.keys = QueueKeys(app.prefix, name)
         self.processors: dict[str, Processor[Any, Any]] = {}
         self._declared: dict[str, Declared] = {}
-        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AddBatcher] = (
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AddBatcher] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -189,6 +190,12 @@ class Queue(ScheduleMethods):
         expires_in, expires_at = expiry_ms(spec.expires)
         envelope = _codec.encode_envelope(_codec.Envelope.of(spec.name, data, options))
         new = scripts.NewJob(raw_id, envelope, delay_ms, at_ms, expires_in, expires_at)
+        if spec.dedup is not None:
+            if not isinstance(spec.dedup, Dedup):
+                raise ConfigurationError(f"dedup must be a qflow.Dedup or None, got {spec.dedup!r}")
+            new.dedup_key = spec.dedup.key.encode()
+            new.dedup_mode = spec.dedup.mode
+            new.dedup_ttl_ms = spec.dedup.ttl_ms
         return Job(self, job_id, spec.name, payload), new
 
     def _envelope(self, name: str, payload: Any, options: JobOptions | None) -> bytes:
@@ -209,6 +216,7 @@ class Queue(ScheduleMethods):
         backoff: Backoff | None = None,
         options: JobOptions | None = None,
         expires: Expires | None = None,
+        dedup: Dedup | None = None,
     ) -> Job[Any]:
         """Enqueue one job; when this returns, the job is in Redis (one round trip).
 
@@ -218,39 +226,73 @@ class Queue(ScheduleMethods):
         keywords win over its fields) override the processor's defaults for this job. ``expires`` (seconds
         or a ``timedelta`` from now, or an aware datetime) is a deadline for the job's start: a job no worker
         claimed by then is discarded as ``expired`` and never runs (``result()`` raises ``JobExpired``; see
-        docs/scheduling.md). Invalid input raises ``ConfigurationError`` or ``PayloadError`` before anything
-        is written.
+        docs/scheduling.md). ``dedup=qflow.Dedup(key, ttl, mode="throttle"|"debounce")`` collapses adds
+        with the same key (see ``Dedup``); the handle is then on the job the key names. ``job.outcome``
+        (``AddOutcome``) says what the add did. Invalid input raises ``ConfigurationError`` or
+        ``PayloadError`` before anything is written.
         """
         job, new = self._prepare(
-            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff, options, expires)
+            JobSpec(name, payload, job_id, delay, run_at, attempts, timeout, backoff, options, expires, dedup)
         )
+        if new.dedup_key:
+            return (await self._add_dedup([(job, new)]))[0]
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
-            batcher = self._batchers[loop] = _AddBatcher(self)
-        await batcher.submit(new)
+            batcher = self._batchers[loop] = AddBatcher(self)
+        job.outcome = AddOutcome.CREATED if await batcher.submit(new) else AddOutcome.EXISTS
         return job
+
+    async def _add_dedup(self, prepared: list[tuple[Job[Any], scripts.NewJob]]) -> list[Job[Any]]:
+        """Send jobs with a dedup key (``lua/dedup.lua``), in order; handles on the jobs their keys name."""
+        news = [new for _, new in prepared]
+        try:
+            replies = await scripts.add_dedup(self.app.redis(), self.keys, news)
+        except BrokerUnavailable as exc:
+            if is_timeout(exc):
+                raise
+            # One retry, as for add: a landed write is recognised (the key names the job: "throttled" or
+            # "debounced" again, with the same payload).
+            replies = await scripts.add_dedup(self.app.redis(), self.keys, news)
+        out = []
+        for (job, _), (outcome, raw_id) in zip(prepared, replies, strict=True):
+            job_id = raw_id.decode("utf-8", "backslashreplace") if isinstance(raw_id, bytes) else raw_id
+            handle = job if job_id == job.id else Job(self, job_id, job.name, job.payload)
+            handle.outcome = AddOutcome(outcome)
+            out.append(handle)
+        return out
 
     async def add_bulk(self, jobs: Iterable[JobSpec]) -> list[Job[Any]]:
         """Enqueue many jobs in few round trips (one script call per 500 jobs).
 
-        Every job is validated first; if any is invalid, none is written.
+        Every job is validated first; if any is invalid, none is written. Jobs with ``dedup`` follow the
+        same rules as in ``add``, in the order given (one script call per 500 of them, after the others);
+        each handle's ``outcome`` says what became of its job.
         """
         prepared = [self._prepare(spec) for spec in jobs]
         handles = [job for job, _ in prepared]
-        for start in range(0, len(prepared), _ADD_CHUNK):
-            await self._run_add([new for _, new in prepared[start : start + _ADD_CHUNK]])
+        plain = [i for i, (_, new) in enumerate(prepared) if not new.dedup_key]
+        keyed = [i for i, (_, new) in enumerate(prepared) if new.dedup_key]
+        for start in range(0, len(plain), ADD_CHUNK):
+            chunk = plain[start : start + ADD_CHUNK]
+            created = await self._run_add([prepared[i][1] for i in chunk])
+            for i, new_job in zip(chunk, created, strict=True):
+                handles[i].outcome = AddOutcome.CREATED if new_job else AddOutcome.EXISTS
+        for start in range(0, len(keyed), ADD_CHUNK):
+            chunk = keyed[start : start + ADD_CHUNK]
+            for i, handle in zip(chunk, await self._add_dedup([prepared[i] for i in chunk]), strict=True):
+                handles[i] = handle
         return handles
 
-    async def _run_add(self, jobs: list[scripts.NewJob]) -> None:
+    async def _run_add(self, jobs: list[scripts.NewJob]) -> list[bool]:
         try:
-            await scripts.add(self.app.redis(), self.keys, jobs)
+            return await scripts.add(self.app.redis(), self.keys, jobs)
         except BrokerUnavailable as exc:
             if is_timeout(exc):
                 raise  # a silent server: do not double the wait
             # One retry for a connection that died under us (e.g. a server restart). Safe: the ids were
             # made before the first try, so a write that did land is recognised and not repeated.
-            await scripts.add(self.app.redis(), self.keys, jobs)
+            return await scripts.add(self.app.redis(), self.keys, jobs)
 
     def job(self, job_id: str) -> Job[Any]:
         """A handle on an existing job by id (no I/O; ``status()`` tells whether it exists)."""
@@ -309,95 +351,6 @@ class Queue(ScheduleMethods):
         its next renewal, and an ack is rejected as stale). Producers can add to the queue again right away.
         """
         return await _admin.purge(self)
-
-
-class _AddBatcher:
-    """Coalesces concurrent ``add`` calls of one queue into one script call (issue #6).
-
-    A lone ``add`` goes out at once: one round trip, no added latency. Adds that arrive while a call is in
-    flight wait for it and then go out together, up to ``_ADD_CHUNK`` jobs per call, so a producer with many
-    coroutines adding at once needs far fewer round trips than jobs. Every job was validated, and its id
-    encoded, before it queued here, so nothing one caller passed should fail another's add. Second line of
-    defence: a call that fails for a reason that is not the server's or the connection's (not a
-    ``BrokerError``) failed on some job's data, so each job of it is sent again alone and only the add of
-    the job that cannot be written raises. When the server or the connection fails a call, every add in it
-    raises; retrying is safe (same ids, idempotent).
-    """
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-        self.busy = False
-        self.waiting: list[tuple[scripts.NewJob, asyncio.Future[None]]] = []
-        self.flusher: asyncio.Task[None] | None = None
-
-    async def submit(self, job: scripts.NewJob) -> None:
-        if self.busy:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiting.append((job, fut))
-            await fut
-            return
-        self.busy = True
-        try:
-            await self.queue._run_add([job])
-        finally:
-            if self.waiting:
-                # Keep a reference: the event loop holds tasks only weakly.
-                self.flusher = asyncio.get_running_loop().create_task(self._flush())
-            else:
-                self.busy = False
-
-    async def _flush(self) -> None:
-        batch: list[tuple[scripts.NewJob, asyncio.Future[None]]] = []
-        try:
-            while self.waiting:
-                batch = self.waiting[:_ADD_CHUNK]
-                del self.waiting[:_ADD_CHUNK]
-                try:
-                    await self.queue._run_add([job for job, _ in batch])
-                except BrokerError as exc:  # the server or the connection: the same for every job
-                    _settle(batch, exc)
-                except Exception as exc:
-                    if len(batch) == 1:
-                        _settle(batch, exc)
-                    else:
-                        await self._one_by_one(batch)
-                else:
-                    _settle(batch, None)
-        finally:
-            for _, fut in batch + self.waiting:  # only left unresolved if this task itself was cancelled
-                if not fut.done():
-                    fut.set_exception(BrokerUnavailable("add was interrupted before it was sent"))
-            self.waiting.clear()
-            self.busy = False
-
-    async def _one_by_one(self, batch: list[tuple[scripts.NewJob, asyncio.Future[None]]]) -> None:
-        """Send each job of a failed call alone: a job that cannot be written fails only its own add.
-
-        Safe to repeat: the ids were fixed before the first try, and a job the failed call did write is
-        recognised by its id, not added twice. A server or connection error ends the round for all.
-        """
-        for i, (job, fut) in enumerate(batch):
-            if fut.done():  # its caller was cancelled
-                continue
-            try:
-                await self.queue._run_add([job])
-            except BrokerError as exc:
-                _settle(batch[i:], exc)
-                return
-            except Exception as exc:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(None)
-
-
-def _settle(batch: list[tuple[scripts.NewJob, asyncio.Future[None]]], exc: BaseException | None) -> None:
-    """Resolve the adds of ``batch`` still waiting: raise ``exc`` in each, or return (``exc`` None)."""
-    for _, fut in batch:
-        if not fut.done():
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
 
 
 def _check_text(what: str, value: str, error: type[ConfigurationError | PayloadError]) -> bytes:

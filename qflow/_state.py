@@ -31,6 +31,20 @@ TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.EXPIRED})
 TRANSITIONS: tuple[tuple[State | None, State, str, str], ...] = (
     (None, State.WAITING, "add", "added with no delay"),
     (None, State.DELAYED, "add", "added with delay= or run_at= in the future"),
+    (None, State.WAITING, "dedup", "added with dedup= (its key free, or debounce and its job started)"),
+    (None, State.DELAYED, "dedup", "the same, with delay= or run_at= in the future"),
+    (
+        State.WAITING,
+        State.DELAYED,
+        "dedup",
+        "debounced: an add with its dedup key and a delay replaced its payload and pushed its due time",
+    ),
+    (
+        State.DELAYED,
+        State.WAITING,
+        "dedup",
+        "debounced: an add with its dedup key and no delay replaced its payload; due now",
+    ),
     (State.DELAYED, State.WAITING, "claim", "its time came (server clock)"),
     (
         State.DELAYED,

@@ -99,6 +99,13 @@ class QueueKeys:
         """List a finishing script pushes to when someone waits for ``job_id``'s result."""
         return self._notify + job_id
 
+    def dedup(self, key: str | bytes) -> str | bytes:
+        """String key holding the id of the job a deduplication ``key`` names, with its own TTL (PX) (issue
+        14). Bytes in, bytes out (a key is encoded when it is checked)."""
+        if isinstance(key, bytes):
+            return self._notify_raw[: -len(b"notify:")] + b"dedup:" + key
+        return self._notify[: -len("notify:")] + "dedup:" + key
+
     def notify_raw(self, job_id: bytes) -> bytes:
         """``notify`` for an id as the exact bytes a claim returned (a raw write can make one not UTF-8)."""
         return self._notify_raw + job_id

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = (
+    "DEDUP_OUTCOMES",
     "KEYS",
     "NOTIFY_TTL_MAX_MS",
     "SCRIPTS",
@@ -66,6 +67,7 @@ __all__ = (
     "Script",
     "Watched",
     "add",
+    "add_dedup",
     "claim",
     "complete",
     "fail",
@@ -98,6 +100,7 @@ Delivery = tuple[JobId, Token]
 
 KEYS: dict[str, Callable[[QueueKeys], tuple[str, ...]]] = {
     "add": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta, k.marker, k.timer, k.expires),
+    "dedup": lambda k: (k.jobs, k.state, k.wait, k.delayed, k.meta, k.marker, k.timer, k.expires),
     **CLAIM_KEYS,
     "complete": lambda k: (
         k.active, k.tokens, k.state, k.results, k.completed, k.jobs, k.attempts, k.stalls, k.errors,
@@ -128,6 +131,7 @@ SCRIPTS = {
 """Script name -> its ``Script``."""
 
 _ADD = SCRIPTS["add"]
+_DEDUP = SCRIPTS["dedup"]
 _COMPLETE = SCRIPTS["complete"]
 _FAIL = SCRIPTS["fail"]
 _RETRY = SCRIPTS["retry"]
@@ -159,6 +163,12 @@ class NewJob(msgspec.Struct, gc=False):
     """Expire this many ms after the add unless started (server clock); 0: see ``expires_at_ms``."""
     expires_at_ms: int = 0
     """Expire at this Unix time in ms unless started; 0: never (with ``expires_in_ms`` 0)."""
+    dedup_key: str | bytes = ""
+    """A deduplication key (``add_dedup``); empty: none."""
+    dedup_mode: str = ""
+    """``throttle`` or ``debounce``, with ``dedup_key``."""
+    dedup_ttl_ms: int = 0
+    """How long ``dedup_key`` lives, ms."""
 
 
 async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -> list[bool]:
@@ -172,6 +182,32 @@ async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -
         argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms, job.expires_in_ms, job.expires_at_ms)
     reply = await _ADD(client, _ADD.keys(keys), argv)
     return [created == 1 for created in reply]
+
+
+DEDUP_OUTCOMES = ("exists", "created", "throttled", "debounced")
+"""``add_dedup``'s outcome codes (0..3) as words (``qflow.AddOutcome`` values)."""
+
+
+async def add_dedup(
+    client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]
+) -> list[tuple[str, bytes]]:
+    """Add ``jobs``, each with a deduplication key, one after the other (``lua/dedup.lua``); per job, the
+    outcome (one of ``DEDUP_OUTCOMES``) and the id of the job it names (the existing one when throttled or
+    debounced). Raises as ``add`` does.
+    """
+    argv: list[Any] = [SCHEMA_VERSION]
+    dedup_keys: list[str | bytes] = []
+    index: dict[str | bytes, int] = {}
+    base = len(_DEDUP.keys(keys)) + 1
+    for job in jobs:
+        at = index.get(job.dedup_key)
+        if at is None:
+            at = index[job.dedup_key] = base + len(dedup_keys)
+            dedup_keys.append(keys.dedup(job.dedup_key))
+        argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms, job.expires_in_ms, job.expires_at_ms)
+        argv += (job.dedup_mode, job.dedup_ttl_ms, at)
+    reply = await _DEDUP(client, (*_DEDUP.keys(keys), *dedup_keys), argv)
+    return [(DEDUP_OUTCOMES[int(reply[i])], reply[i + 1]) for i in range(0, len(reply), 2)]
 
 
 # -- acks ----------------------------------------------------------------------------------------------------

@@ -124,9 +124,9 @@ async def test_concurrent_adds_are_coalesced_into_few_script_calls(
     calls: list[int] = []
     real = q._run_add
 
-    async def counting(jobs: list[scripts.NewJob]) -> None:
+    async def counting(jobs: list[scripts.NewJob]) -> list[bool]:
         calls.append(len(jobs))
-        await real(jobs)
+        return await real(jobs)
 
     monkeypatch.setattr(q, "_run_add", counting)
     jobs = await asyncio.gather(*(q.add("x", i) for i in range(200)))
@@ -142,9 +142,9 @@ async def test_a_lone_add_is_one_script_call(app: qflow.App, monkeypatch: pytest
     calls: list[int] = []
     real = q._run_add
 
-    async def counting(jobs: list[scripts.NewJob]) -> None:
+    async def counting(jobs: list[scripts.NewJob]) -> list[bool]:
         calls.append(len(jobs))
-        await real(jobs)
+        return await real(jobs)
 
     monkeypatch.setattr(q, "_run_add", counting)
     for i in range(5):

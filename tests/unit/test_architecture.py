@@ -170,6 +170,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qflow._embedded",
             "qflow._cron",
             "qflow._timing",
+            "qflow._dedup",
         ),
     ),
     ("broker", ("qflow._broker",)),
@@ -178,6 +179,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "qflow._app",
             "qflow._queue",
+            "qflow._adding",
             "qflow._job",
             "qflow._processor",
             "qflow._inspect",

@@ -128,6 +128,7 @@ async def test_enqueue_is_a_deprecated_alias_of_add(monkeypatch: pytest.MonkeyPa
                 "run_at": None,
                 "options": qflow.JobOptions(attempts=2, timeout=3.0),
                 "expires": None,
+                "dedup": None,
             },
         ),
     ]
@@ -137,7 +138,14 @@ async def test_enqueue_is_a_deprecated_alias_of_add(monkeypatch: pytest.MonkeyPa
     assert seen[-1] == (
         "send",
         8,
-        {"job_id": None, "delay": None, "run_at": None, "options": NO_OPTIONS, "expires": None},
+        {
+            "job_id": None,
+            "delay": None,
+            "run_at": None,
+            "options": NO_OPTIONS,
+            "expires": None,
+            "dedup": None,
+        },
     )
 
 
