@@ -177,9 +177,14 @@ async def add(client: aioredis.Redis, keys: QueueKeys, jobs: Sequence[NewJob]) -
     Raises ``SchemaMismatch`` when the queue was written by an incompatible qflow, ``BrokerFull`` at
     maxmemory (nothing written), ``BrokerUnavailable``.
     """
-    argv: list[Any] = [SCHEMA_VERSION]
-    for job in jobs:
-        argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms, job.expires_in_ms, job.expires_at_ms)
+    if any(job.expires_in_ms or job.expires_at_ms for job in jobs):
+        argv: list[Any] = [SCHEMA_VERSION, 6]
+        for job in jobs:
+            argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms, job.expires_in_ms, job.expires_at_ms)
+    else:
+        argv = [SCHEMA_VERSION, 4]  # no expiry in this call: two fields fewer per job
+        for job in jobs:
+            argv += (job.id, job.envelope, job.delay_ms, job.run_at_ms)
     reply = await _ADD(client, _ADD.keys(keys), argv)
     return [created == 1 for created in reply]
 

@@ -2,9 +2,9 @@
 --
 -- KEYS[1] jobs    KEYS[2] state    KEYS[3] wait    KEYS[4] delayed    KEYS[5] meta    KEYS[6] marker
 -- KEYS[7] timer   KEYS[8] expires
--- ARGV[1] schema version
--- ARGV[2..] groups of 6: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none),
---   expires_in_ms (relative, 0 = none), expires_at_ms (absolute, 0 = none)
+-- ARGV[1] schema version   ARGV[2] fields per job: 4, or 6 when some job of the call expires
+-- ARGV[3..] groups of 4 or 6: id, envelope, delay_ms (relative, 0 = none), run_at_ms (absolute, 0 = none),
+--   [expires_in_ms (relative, 0 = none), expires_at_ms (absolute, 0 = none)]
 -- Returns: one integer per job, 1 = created, 0 = an existing job kept that id.
 -- Errors: "QFLOW_SCHEMA <stored>" when the queue was written by an incompatible schema; "QFLOW_CORRUPT <what>"
 -- when a key holds the wrong type. Either way nothing was written.
@@ -25,12 +25,14 @@ if stored and stored ~= ARGV[1] then
 end
 
 -- A job with neither delay nor run_at waits at once, whatever the time: only the others need TIME.
+-- Two more fields per job only when some job expires: a plain add sends (and parses) no more than before.
+local step = tonumber(ARGV[2])
+local expiring = step == 6
 local now = 0
-local expiring = false
-for i = 2, #ARGV, 6 do
-  if ARGV[i + 4] ~= '0' or ARGV[i + 5] ~= '0' then expiring = true end
-  if now == 0 and (tonumber(ARGV[i + 2]) > 0 or tonumber(ARGV[i + 3]) > 0 or tonumber(ARGV[i + 4]) > 0) then
+for i = 3, #ARGV, step do
+  if tonumber(ARGV[i + 2]) > 0 or tonumber(ARGV[i + 3]) > 0 or (expiring and tonumber(ARGV[i + 4]) > 0) then
     now = now_ms()
+    break
   end
 end
 -- The keys written after the first HSETNX (which names `jobs` itself if that key is of the wrong type).
@@ -44,7 +46,7 @@ if now > 0 then earliest = earliest_due(KEYS[4]) end
 local out = {}
 local waiting, delayed, states, deadlines = {}, {}, {}, {}
 local soonest = nil  -- the earliest due time of the jobs delayed here
-for i = 2, #ARGV, 6 do
+for i = 3, #ARGV, step do
   local id = ARGV[i]
   -- Only the first HSETNX can meet a key of the wrong type (or out of memory), and then nothing was written.
   local created, wrong = checked(redis.pcall('HSETNX', KEYS[1], id, ARGV[i + 1]), KEYS[1])
@@ -54,12 +56,14 @@ for i = 2, #ARGV, 6 do
     local delay = tonumber(ARGV[i + 2])
     if delay > 0 then at = now + delay end
     states[#states + 1] = id
-    local expires_at = tonumber(ARGV[i + 5])
-    local expires_in = tonumber(ARGV[i + 4])
-    if expires_in > 0 then expires_at = now + expires_in end
-    if expires_at > 0 then
-      deadlines[#deadlines + 1] = id
-      deadlines[#deadlines + 1] = expires_at
+    if expiring then
+      local expires_at = tonumber(ARGV[i + 5])
+      local expires_in = tonumber(ARGV[i + 4])
+      if expires_in > 0 then expires_at = now + expires_in end
+      if expires_at > 0 then
+        deadlines[#deadlines + 1] = id
+        deadlines[#deadlines + 1] = expires_at
+      end
     end
     if at > now then
       if not soonest or at < soonest then soonest = at end
