@@ -31,7 +31,8 @@ class Job(Generic[T]):
 
     ``payload`` is the validated payload (a typed processor's Struct, or plain data). In a processor,
     ``attempt`` is the number of this run (1 = first) and ``stalls`` how many times the job was recovered
-    from a dead worker.
+    from a dead worker. On a handle ``add`` returned, ``outcome`` (``qflow.AddOutcome``) says what the add
+    did: created, exists (same ``job_id``), throttled or debounced (``dedup=``).
     """
 
     __slots__ = ("attempt", "id", "name", "outcome", "payload", "queue", "stalls")

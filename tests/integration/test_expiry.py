@@ -134,3 +134,24 @@ async def test_expires_is_checked_before_anything_is_written(app: qflow.App, bad
     with pytest.raises(qflow.ConfigurationError, match="expires"):
         await q.add("work", 1, expires=datetime(2030, 1, 1))  # naive
     assert await app.redis().hlen(q.keys.jobs) == 0
+
+
+async def test_a_corrupt_expiry_deadline_fails_its_job_alone(app: qflow.App) -> None:
+    """A stored deadline that is not a number fails that job (kind "corrupt", naming it); the others run."""
+    q = app.queue("exp-corrupt")
+    ran: list[int] = []
+
+    @q.processor
+    async def work(job: qflow.Job[int]) -> None:
+        ran.append(job.payload)
+
+    bad = await work.add(1, expires=60)
+    good = await work.add(2, expires=60)
+    await app.redis().hset(q.keys.expires, bad.id, "soon")
+    await drain(app, [q])
+    assert ran == [2]
+    with pytest.raises(qflow.JobFailed) as info:
+        await bad.result(timeout=1)
+    assert info.value.kind == "corrupt"
+    assert "expiry deadline" in info.value.message
+    assert await good.result(timeout=1) is None

@@ -66,14 +66,15 @@ local function is_count(value, digits)
   return not value or (#value <= digits and string.find(value, '^%d+$') ~= nil)
 end
 
--- The encoded error (msgpack, as qflow._codec.ErrorInfo) of a job whose stored `field` holds `value`.
-local function corrupt_error(field, value)
+-- The encoded error (msgpack, as qflow._codec.ErrorInfo) of a job whose stored `field` holds `value`, which
+-- should be a whole number from 0 to `most` (default 999999999: a counter).
+local function corrupt_error(field, value, most)
   return cmsgpack.pack({
     type = 'CorruptJob',
     kind = 'corrupt',
     traceback = '',
     message = 'stored ' .. field .. ' of the job is ' .. shown(value) ..
-              ', not a whole number from 0 to 999999999: the job cannot run as stored',
+              ', not a whole number from 0 to ' .. (most or '999999999') .. ': the job cannot run as stored',
   })
 end
 

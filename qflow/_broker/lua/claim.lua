@@ -120,7 +120,7 @@ if #ids > 0 then
     elseif not env then
       gone[#gone + 1] = id
     elseif deadlines[i] and not is_count(deadlines[i], 15) then
-      failure = corrupt_error('expiry deadline', deadlines[i])
+      failure = corrupt_error('expiry deadline', deadlines[i], '999999999999999')
     elseif deadlines[i] and tonumber(deadlines[i]) <= now then
       states[#states + 1] = id
       states[#states + 1] = 'expired'
