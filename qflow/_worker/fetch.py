@@ -183,25 +183,27 @@ class Fetcher:
         """Hand the jobs of a claim that took ``n`` slots to the lanes; return the slots left unused.
 
         A job recovered after a crash (``stalls > 0``) becomes the worker's suspect if none is held (it runs
-        alone, see ``SuspectGate``); other suspects, and every job of a claim that comes back while one is
-        held, are handed back to waiting at once, attempt unspent, so that none of them is claimed here if
-        the suspect kills the process. The claim's ``busy`` count ends here.
+        alone, see ``SuspectGate``). A claim that brings a suspect, or comes back while one is held, keeps
+        nothing else: every other job it brought (fresh ones too) is handed back to waiting, attempt unspent,
+        before any of them starts, so that none of them is claimed here if a job of this process kills it
+        (the suspect, or a fresh job of the same claim that has not killed anyone yet). The claim's ``busy``
+        count ends here, after the hand-back: the suspect starts after it.
         """
         gate = self.lanes.gate
         try:
             back: list[Delivery] | None = None
             if gate.suspect is not None:
                 back = [Delivery(job) for job in jobs]
-            else:
+            elif not any(job.stalls for job in jobs):
                 start = self.lanes.start
                 for job in jobs:
-                    if not job.stalls:
-                        start(r, Delivery(job))
-                    elif gate.suspect is None:
-                        self.lanes.hold(r, Delivery(job))
+                    start(r, Delivery(job))
+            else:
+                back = []
+                for job in jobs:
+                    if job.stalls and gate.suspect is None:
+                        self.lanes.hold(r, Delivery(job))  # leased and renewed; starts once busy is 0
                         self.unpark()  # other fetchers' claims behind their waits come back now
-                    elif back is None:
-                        back = [Delivery(job)]
                     else:
                         back.append(Delivery(job))
             kept = len(jobs) - (len(back) if back else 0)
