@@ -66,7 +66,8 @@ async def run(url: str, prefix: str, jobs: int, concurrency: int) -> int:
             and duplicates == 0
             and strangers == 0
             and len(handles) == len(ids) == jobs
-            and counts == {"waiting": 0, "active": 0, "delayed": 0, "completed": jobs, "failed": 0}
+            and counts
+            == {"waiting": 0, "active": 0, "delayed": 0, "completed": jobs, "failed": 0, "expired": 0}
             and stats.get("completed") == jobs
         )
         return 0 if ok else 1
