@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import pytest
@@ -18,32 +16,7 @@ import qflow
 from qflow._broker import commands
 from qflow.exceptions import ClientPoolExhausted
 from qflow.testing import FAST
-
-
-async def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) -> None:
-    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(worker: qflow.Worker) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``worker`` in a task for the body of the block; stop it gracefully and wait for it after."""
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 10)
-    try:
-        yield task
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
+from tests.support import running, wait_until
 
 
 async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(app: qflow.App) -> None:
@@ -75,7 +48,7 @@ async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(
             waiting -= 1
 
     worker = qflow.Worker(app, settings=settings)
-    async with running(worker):
+    async with running(worker, ready_timeout=10, stop_timeout=30):
         parents = [await q.add("parent", i) for i in range(n)]
         await wait_until(lambda: waiting == n, timeout=30, what=f"{n} parents awaiting their child's result")
         results = await asyncio.gather(*(p.result(timeout=60) for p in parents))
@@ -120,7 +93,7 @@ async def test_a_thousand_result_waits_neither_raise_nor_starve_add(app: qflow.A
         extra = await q.add("echo", -1)
         assert time.monotonic() - started < 1.0
         assert await extra.status() == qflow.State.WAITING
-        async with running(qflow.Worker(app, settings=FAST)):
+        async with running(qflow.Worker(app, settings=FAST), ready_timeout=10, stop_timeout=30):
             results = await asyncio.wait_for(asyncio.gather(*waits), 60)
             assert await extra.result(timeout=10) == -1
     finally:

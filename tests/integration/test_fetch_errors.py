@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +21,7 @@ import redis
 import qflow
 from qflow.exceptions import BrokerAuthError
 from qflow.testing import FAST
+from tests.support import running, wait_until
 
 # Each corruption: the key of the queue it breaks, what it writes there, and the server's own error text
 # (the scripts validate first and may answer their own error instead, naming the key).
@@ -29,41 +30,6 @@ CORRUPTIONS = {
     "active_wrong_type": ("active", "not-a-zset", "WRONGTYPE"),
     "seq_not_a_number": ("seq", "abc", "not an integer"),
 }
-
-
-async def wait_until(
-    predicate: Callable[[], object],
-    *,
-    what: str,
-    worker: asyncio.Task[None] | None = None,
-    timeout: float = 10.0,
-) -> None:
-    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout``, or at once if the
-    ``worker`` task ended (a worker that died will never make it true)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if worker is not None and worker.done():
-            raise AssertionError(f"the worker ended while waiting for {what}: {worker}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@asynccontextmanager
-async def running(worker: qflow.Worker) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``worker`` in a task for the block (the task is yielded); stop it and wait for it after."""
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 5)
-    try:
-        yield task
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 15)
 
 
 def claim_warnings(caplog: pytest.LogCaptureFixture, queue: str) -> list[logging.LogRecord]:
@@ -93,12 +59,12 @@ async def start_failing(
     if not idle:
         await q.add("work", 1)
         await r.set(key, bad)
-    async with running(qflow.Worker(app, settings=settings)) as task:
+    async with running(qflow.Worker(app, settings=settings)) as run:
         if idle:
-            await wait_until(lambda: parked(app), what="the idle fetcher to park", worker=task)
+            await wait_until(lambda: parked(app), what="the idle fetcher to park", worker=run.task)
             await r.set(key, bad)
             await q.add("work", 1)
-        yield task
+        yield run.task
 
 
 @pytest.mark.parametrize("idle", [False, True], ids=["claim", "claim_behind_wait"])

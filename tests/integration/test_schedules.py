@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,37 +22,12 @@ from qflow._broker.keys import ScheduleKeys
 from qflow._broker.scripts_schedule import Outcome
 from qflow._schedule import job_id
 from qflow.testing import FAST
+from tests.support import running, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@asynccontextmanager
-async def running(worker: qflow.Worker) -> AsyncIterator[qflow.Worker]:
-    """Run ``worker`` in a task for the body of the block; stop it and wait for it after."""
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 5)
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(predicate: Callable[[], Any], *, timeout: float, what: str) -> None:
-    """Poll ``predicate`` (sync or async) every 10 ms until true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def ticking_app(url: str, prefix: str, seen: list[tuple[str, Any]], **app_kwargs: Any) -> qflow.App:
@@ -190,7 +163,7 @@ async def test_twenty_concurrent_fires_of_one_tick_create_one_job(app: qflow.App
     s = await q.schedule("s", "job", None, every=0.5)
     assert s.next_run is not None
     cursor = round(s.next_run * 1000)
-    await until(lambda: _reached(app, cursor), timeout=5, what="the tick")
+    await wait_until(lambda: _reached(app, cursor), timeout=5, what="the tick")
     clients = [qflow.App(app.url, prefix=app.prefix) for _ in range(20)]
     try:
         args = {"cursor": cursor, "tick": cursor, "next_tick": cursor + 500, "skipped": 0, "grace_ms": -1}
@@ -249,7 +222,7 @@ async def test_fire_of_an_old_version_or_a_removed_schedule_changes_nothing(app:
     new = await q.schedule("s", "job", 2, every=0.1)
     assert old.next_run is not None
     cursor = round(old.next_run * 1000)
-    await until(lambda: _reached(app, cursor + 300), timeout=5, what="the tick")
+    await wait_until(lambda: _reached(app, cursor + 300), timeout=5, what="the tick")
     args = {"cursor": cursor, "tick": cursor, "next_tick": cursor + 100, "skipped": 0, "grace_ms": -1}
     res = await scripts_schedule.fire(app.redis(), q.keys, "s", version=old.version, job_id="x", **args)
     assert (res.outcome, res.version) == (Outcome.STALE, new.version)
@@ -283,7 +256,7 @@ async def test_run_once_creates_one_job_for_the_ticks_missed_during_an_outage(
     await q.schedule("hourly", "tick", "p", every=3600)
     latest = await outage(app, "hourly", 5)
     async with running(qflow.Worker(app)):
-        await until(lambda: seen, timeout=5, what="the catch-up job")
+        await wait_until(lambda: seen, timeout=5, what="the catch-up job")
         after = await state(app, "hourly")
     assert seen == [(job_id("hourly", latest), "p")]
     assert (after.fired, after.missed, after.last_tick, after.next_run) == (
@@ -305,8 +278,10 @@ async def test_skip_drops_a_due_tick_later_than_its_grace_and_runs_one_within_it
     latest = await outage(app, "strict", 5)
     assert await outage(app, "lenient", 5) == latest
     async with running(qflow.Worker(app)):
-        await until(lambda: seen, timeout=5, what="the lenient schedule's job")
-        await until(lambda: _all_moved(app, latest + HOUR), timeout=5, what="both cursors on the next hour")
+        await wait_until(lambda: seen, timeout=5, what="the lenient schedule's job")
+        await wait_until(
+            lambda: _all_moved(app, latest + HOUR), timeout=5, what="both cursors on the next hour"
+        )
         strict, lenient = await state(app, "strict"), await state(app, "lenient")
     assert seen == [(job_id("lenient", latest), "lenient")]
     assert (strict.fired, strict.missed, strict.last_tick) == (0, 6, latest / 1000)
@@ -328,7 +303,7 @@ async def test_two_workers_create_exactly_one_job_per_tick(redis_url: str, prefi
     apps = [ticking_app(redis_url, prefix, seen) for _ in range(2)]
     async with running(qflow.Worker(apps[0])), running(qflow.Worker(apps[1])):
         s = await apps[0].queue("sched").schedule("fast", "tick", None, every=0.1)
-        await until(lambda: len(seen) >= 20, timeout=10, what="20 ticks")
+        await wait_until(lambda: len(seen) >= 20, timeout=10, what="20 ticks")
         await apps[0].queue("sched").unschedule("fast")
     ticks = sorted(tick_of(jid) for jid, _ in seen)
     assert len(ticks) == len(set(ticks)), "a tick got two jobs"
@@ -344,13 +319,13 @@ async def test_an_upsert_from_elsewhere_wakes_idle_workers_at_once(redis_url: st
     60 s re-read: the first tick, 0.2 s after the upsert at most, gets its job within a second."""
     seen: list[tuple[str, Any]] = []
     app = ticking_app(redis_url, prefix, seen)
-    async with running(qflow.Worker(app)) as worker, qflow.App(redis_url, prefix=prefix) as producer:
-        assert worker.scheduler is not None
-        scheduler = worker.scheduler
-        await until(lambda: scheduler.reloads >= 1, timeout=5, what="the scheduler's first read")
+    async with running(qflow.Worker(app)) as run, qflow.App(redis_url, prefix=prefix) as producer:
+        assert run.worker.scheduler is not None
+        scheduler = run.worker.scheduler
+        await wait_until(lambda: scheduler.reloads >= 1, timeout=5, what="the scheduler's first read")
         t0 = time.monotonic()
         await producer.queue("sched").schedule("new", "tick", None, every=0.2)
-        await until(lambda: seen, timeout=5, what="the first job")
+        await wait_until(lambda: seen, timeout=5, what="the first job")
         waited = time.monotonic() - t0
     assert waited < 1.0, f"first job {waited:.2f}s after the upsert"
     assert scheduler.reloads >= 2, "woken by the event stream, which made it read the schedules again"
@@ -365,15 +340,15 @@ async def test_a_change_is_followed_and_a_removal_stops_the_ticks(redis_url: str
     q = app.queue("sched")
     async with running(qflow.Worker(app)):
         await q.schedule("s", "tick", "old", every=0.1)
-        await until(lambda: len(seen) >= 2, timeout=5, what="two old ticks")
+        await wait_until(lambda: len(seen) >= 2, timeout=5, what="two old ticks")
         await q.schedule("s", "tick", "new", every=0.3)
-        await until(lambda: any(p == "new" for _, p in seen), timeout=5, what="a new tick")
+        await wait_until(lambda: any(p == "new" for _, p in seen), timeout=5, what="a new tick")
         new_ticks = [tick_of(j) for j, p in seen if p == "new"]
         assert all(t % 300 == 0 for t in new_ticks)
         assert await q.unschedule("s")
         count = len(seen)
         quiet_until = time.monotonic() + 1.0
-        await until(lambda: time.monotonic() > quiet_until, timeout=2, what="a quiet second")
+        await wait_until(lambda: time.monotonic() > quiet_until, timeout=2, what="a quiet second")
         assert len(seen) == count, "a removed schedule fired"
     await app.close()
 
@@ -396,9 +371,9 @@ async def test_workers_upsert_their_declarations_once_however_many_start(redis_u
 
     apps = [declaring_app() for _ in range(3)]
     async with running(qflow.Worker(apps[0])), running(qflow.Worker(apps[1])), running(qflow.Worker(apps[2])):
-        await until(lambda: len(seen) >= 2, timeout=5, what="two ticks")
+        await wait_until(lambda: len(seen) >= 2, timeout=5, what="two ticks")
         async with running(qflow.Worker(apps[0])):  # a restart: its declaration is upserted again
-            await until(lambda: len(seen) >= 3, timeout=5, what="a third tick")
+            await wait_until(lambda: len(seen) >= 3, timeout=5, what="a third tick")
         s = await state(apps[0], "every-second")
     ticks = [tick_of(j) for j, _ in seen]
     assert len(ticks) == len(set(ticks))
@@ -427,7 +402,7 @@ async def test_a_worker_with_no_schedule_only_waits_on_the_event_stream(
     app = ticking_app(redis_url, prefix, seen, socket_timeout=0.5)  # waits of 0.4 s
     async with running(qflow.Worker(app)):
         t0 = time.monotonic()
-        await until(lambda: time.monotonic() - t0 > 2.0, timeout=3, what="two seconds")
+        await wait_until(lambda: time.monotonic() - t0 > 2.0, timeout=3, what="two seconds")
     assert calls["read"] == 1
     assert calls["fire"] == 0
     assert 4 <= calls["wait_event"] <= 7, calls  # 2 s / 0.4 s, give or take the first and the last
@@ -476,7 +451,7 @@ async def test_a_fired_job_wakes_an_idle_worker_rather_than_waiting_for_its_next
 
     async with running(qflow.Worker(app)):
         await q.schedule("woken", "tick", None, every=1.0)
-        await until(lambda: len(late_ms) >= 3, timeout=10, what="3 ticks")
+        await wait_until(lambda: len(late_ms) >= 3, timeout=10, what="3 ticks")
         await q.unschedule("woken")
     assert max(late_ms[:3]) < 1000, f"started {late_ms[:3]} ms after their ticks"
     await app.close()

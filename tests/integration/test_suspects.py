@@ -10,28 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 import pytest
 
 import qflow
 from qflow._broker import scripts
 from qflow.testing import FAST
-
-
-async def wait_until(predicate: Callable[[], object], *, what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.support import wait_until
 
 
 class Runs:

@@ -10,24 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 
 import qflow
 from qflow.testing import FAST
-
-
-async def wait_until(predicate: Callable[[], object], *, what: str, timeout: float = 15.0) -> None:
-    """Poll ``predicate`` (sync or async) every 10 ms until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.support import wait_until
 
 
 class Gauge:
@@ -72,8 +58,10 @@ async def test_timed_out_sync_handlers_never_run_more_threads_than_concurrency(a
         async def all_failed() -> bool:
             return all([await j.status() == qflow.State.FAILED for j in jobs])
 
-        await wait_until(all_failed, what="every job to fail")
-        await wait_until(lambda: gauge.entered == len(jobs) and gauge.now == 0, what="every thread to end")
+        await wait_until(all_failed, what="every job to fail", timeout=15)
+        await wait_until(
+            lambda: gauge.entered == len(jobs) and gauge.now == 0, what="every thread to end", timeout=15
+        )
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)
@@ -103,7 +91,7 @@ async def test_sync_handler_whose_lease_is_lost_keeps_its_lane_until_its_thread_
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.ready.wait(), 5)
-        await wait_until(lambda: gauge.entered == 1, what="the first job's thread to start")
+        await wait_until(lambda: gauge.entered == 1, what="the first job's thread to start", timeout=15)
         # Another delivery takes the job over: the renewal finds the lease lost and cancels the handler.
         await app.redis().hset(q.keys.tokens, first.id, b"someone-else")
         await worker.renew_leases()
@@ -111,7 +99,7 @@ async def test_sync_handler_whose_lease_is_lost_keeps_its_lane_until_its_thread_
         async def second_done() -> bool:
             return await second.status() == qflow.State.COMPLETED
 
-        await wait_until(second_done, what="the second job to complete")
+        await wait_until(second_done, what="the second job to complete", timeout=15)
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,32 +11,7 @@ import pytest
 import qflow
 from qflow._broker import scripts
 from qflow.testing import FAST, drain
-
-
-@asynccontextmanager
-async def running(worker: qflow.Worker) -> AsyncIterator[qflow.Worker]:
-    """Run ``worker`` in a task for the body of the block; stop it (gracefully) and wait for it after."""
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 5)
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` (sync or async) until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from tests.support import running, wait_until
 
 
 async def claim_as_dead_worker(q: qflow.Queue, lease_ms: int) -> list[bytes]:
@@ -100,8 +73,10 @@ async def test_retry_exception_delays_next_attempt(app: qflow.App) -> None:
 
     job = await q.add("later")
     async with running(qflow.Worker(app, settings=FAST)):
-        await wait_until(lambda: started)
-        await wait_until(lambda: _is(job, qflow.State.DELAYED, qflow.State.ACTIVE, qflow.State.COMPLETED))
+        await wait_until(lambda: started, timeout=5)
+        await wait_until(
+            lambda: _is(job, qflow.State.DELAYED, qflow.State.ACTIVE, qflow.State.COMPLETED), timeout=5
+        )
         assert await job.result(timeout=5) == 2
     assert started[1] - started[0] >= 0.35
 
@@ -198,7 +173,7 @@ async def test_idle_worker_is_woken_by_a_push_not_by_polling(app: qflow.App) -> 
         async def fetcher_blocked() -> bool:
             return bool((await redis.info("clients"))["blocked_clients"] > blocked_before)
 
-        await wait_until(fetcher_blocked)
+        await wait_until(fetcher_blocked, timeout=5)
         t0 = time.monotonic()
         await q.add("ping")
         await asyncio.wait_for(started.wait(), 2.0)
@@ -333,10 +308,10 @@ async def test_lost_lease_cancels_the_running_handler(app: qflow.App) -> None:
             raise
 
     job = await q.add("victim")
-    async with running(qflow.Worker(app, settings=FAST)) as worker:
+    async with running(qflow.Worker(app, settings=FAST)) as run:
         await asyncio.wait_for(started.wait(), 5)
         await app.redis().hset(q.keys.tokens, job.id, b"someone-else")
-        await worker.renew_leases()
+        await run.worker.renew_leases()
         await asyncio.wait_for(cancelled.wait(), 5)
     assert await job.status() == qflow.State.ACTIVE  # still owned by "someone else": nothing applied
 
@@ -376,7 +351,7 @@ async def test_drain_timeout_releases_jobs_without_spending_an_attempt(app: qflo
     settings = qflow.WorkerSettings(lease_ttl=30, check_interval=5, drain_timeout=0.2)
     worker = qflow.Worker(app, settings=settings)
     task = asyncio.create_task(worker.run())
-    await wait_until(lambda: started == 3)
+    await wait_until(lambda: started == 3, timeout=5)
     worker.stop()
     await asyncio.wait_for(task, 5)
     assert [await j.status() for j in jobs] == [qflow.State.WAITING] * 3
