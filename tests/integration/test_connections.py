@@ -71,7 +71,9 @@ async def test_handlers_awaiting_results_past_the_pool_size_do_not_stall_leases(
 async def test_a_thousand_result_waits_neither_raise_nor_starve_add(app: qflow.App, redis_url: str) -> None:
     """1,000 concurrent result() calls on unfinished jobs: add() still answers at once, and every wait ends
     with its job's result once a worker runs them."""
-    q = app.queue("waits")
+    # Keep every finished job: with the default 1,000 the oldest of these 1,001 is trimmed at once, and its
+    # waiter (woken, then reading the state) would rightly get JobNotFound.
+    q = app.queue("waits", retention=qflow.RetentionSettings(completed_count=2000))
 
     @q.processor(concurrency=100)
     async def echo(job: qflow.Job[int]) -> int:
