@@ -22,6 +22,7 @@ import pytest
 
 import qflow
 from tests.process import ledger_app
+from tests.process.fleet_app import Fleet
 from tests.process.ledger_app import Ledger, read_ledger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -207,3 +208,13 @@ async def ledger_queue(redis_url: str, prefix: str) -> AsyncIterator[qflow.Queue
     app, queue = ledger_app.build_app(redis_url, prefix)
     yield queue
     await app.close()
+
+
+@pytest.fixture
+def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
+    """Supervisors and commands on the test server and prefix; every process killed and reaped afterwards."""
+    f = Fleet(redis_url, prefix, tmp_path)
+    try:
+        yield f
+    finally:
+        f.cleanup()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +15,6 @@ from qflow._cli.exitcodes import MEANING, ExitCode
 from qflow.testing import drain
 from tests.process import fleet_app
 from tests.process.fleet_app import TARGET, Fleet
-
-
-@pytest.fixture
-def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
-    """Supervisors and commands on the test server and prefix; every process killed and reaped afterwards."""
-    f = Fleet(redis_url, prefix, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,6 @@ from qflow._cli.control import MAX_PROCESSES, MAX_REQUEST, control_request
 from tests.process.fleet_app import Fleet
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTTIN"), reason="POSIX signals")
-
-
-@pytest.fixture
-def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
-    """Supervisors on the test server and prefix; every process killed and reaped afterwards."""
-    f = Fleet(redis_url, prefix, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 def raw_request(path: Path, data: bytes, *, close_write: bool = True) -> dict[str, Any]:

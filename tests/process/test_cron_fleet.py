@@ -28,7 +28,6 @@ import random
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +74,6 @@ def read_runs(directory: Path) -> list[Run]:
             job, pid, host, wall, stalls = line.split()
             runs.append(Run(job, int(pid), host, float(wall), int(stalls)))
     return runs
-
-
-@pytest.fixture
-def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
-    """Supervisors on the test server and prefix; every process killed and reaped afterwards."""
-    f = Fleet(redis_url, prefix, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 class Hosts:

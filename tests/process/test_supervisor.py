@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +24,6 @@ from tests.process import fleet_app
 from tests.process.fleet_app import Fleet, alive
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTTIN"), reason="POSIX signals")
-
-
-@pytest.fixture
-def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
-    """Supervisors on the test server and prefix; every process killed and reaped afterwards."""
-    f = Fleet(redis_url, prefix, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 @pytest.fixture

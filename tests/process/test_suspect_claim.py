@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -34,16 +33,6 @@ pytestmark = [
 ]
 
 FINAL = {qflow.State.COMPLETED, qflow.State.FAILED}
-
-
-@pytest.fixture
-def fleet(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
-    """Supervisors on the test server and prefix; every process killed and reaped afterwards."""
-    f = Fleet(redis_url, prefix, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 @pytest.fixture
